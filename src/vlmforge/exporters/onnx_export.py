@@ -1,0 +1,92 @@
+"""Family-agnostic export mechanics: torch.onnx (dynamo) -> one `<stage>.onnx` (+ `.onnx.data`).
+
+The dynamo exporter bakes its own external-data file name into the graph, so the model is exported
+into a scratch folder and re-saved with `onnx.save` under its final name (field notes §6).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx
+import torch
+
+from vlmforge.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+# Below this size everything stays inside the .onnx file; above, weights go to `<name>.onnx.data`.
+EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
+
+
+def export_module(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    out_path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: Any = None,
+    stage: str = "",
+    opset: int = OPSET,
+) -> Path:
+    """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
+        tmp_file = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(tmp_file),
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    dynamic_shapes=dynamic_shapes,
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=True,
+                    optimize=True,
+                    verbose=False,
+                )
+        except Exception as exc:  # torch raises many types here; re-raise as one user-facing error
+            raise ExportError(
+                f"torch.onnx export of stage {stage or module.__class__.__name__} failed: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                where=str(out_path),
+                fix="this is a vlmforge bug for supported checkpoints; re-run with -v and report the log",
+            ) from exc
+        model = onnx.load(str(tmp_file), load_external_data=True)
+        save_model(model, out_path)
+    return out_path
+
+
+def save_model(model: onnx.ModelProto, out_path: Path) -> Path:
+    """Save with weights external under `<file>.data` when large; deterministic file names."""
+    out_path = Path(out_path)
+    data_name = out_path.name + ".data"
+    data_path = out_path.with_name(data_name)
+    if data_path.exists():
+        data_path.unlink()
+    size = model.ByteSize()
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            str(out_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+            convert_attribute=False,
+        )
+    else:
+        onnx.save_model(model, str(out_path))
+    return out_path

@@ -1,0 +1,53 @@
+"""Tiny Qwen2.5-VL checkpoint built offline in code, keeping the structure that breaks exports."""
+
+from __future__ import annotations
+
+from vlmforge.fixtures import tokens as T
+
+
+def tiny_config_dict() -> dict:
+    """GQA, mrope_section, patch 14, spatial merge 2, window attention with full-attention blocks."""
+    return {
+        "model_type": "qwen2_5_vl",
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "image_token_id": T.IMAGE_TOKEN_ID,
+        "video_token_id": T.VIDEO_TOKEN_ID,
+        "vision_start_token_id": T.VISION_START_TOKEN_ID,
+        "vision_end_token_id": T.VISION_END_TOKEN_ID,
+        "tie_word_embeddings": False,
+        "text_config": {
+            "vocab_size": T.VOCAB_SIZE,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+            "bos_token_id": T.BOS_TOKEN_ID,
+            "eos_token_id": T.EOS_TOKEN_ID,
+            "pad_token_id": T.PAD_TOKEN_ID,
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "depth": 4,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "hidden_act": "silu",
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1, 3],
+            "out_hidden_size": 64,
+            "tokens_per_second": 2,
+        },
+    }
+
+
+def tiny_config():
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(**{k: v for k, v in tiny_config_dict().items() if k not in ("model_type", "architectures")})
