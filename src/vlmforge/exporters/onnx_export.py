@@ -34,6 +34,7 @@ def export_module(
     dynamic_shapes: Any = None,
     stage: str = "",
     opset: int = OPSET,
+    contract=None,
 ) -> Path:
     """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named."""
     out_path = Path(out_path)
@@ -65,6 +66,8 @@ def export_module(
                 fix="this is a vlmforge bug for supported checkpoints; re-run with -v and report the log",
             ) from exc
         model = onnx.load(str(tmp_file), load_external_data=True)
+        if contract is not None:
+            stamp_contract_dims(model, contract)
         save_model(model, out_path)
     return out_path
 
@@ -90,3 +93,25 @@ def save_model(model: onnx.ModelProto, out_path: Path) -> Path:
     else:
         onnx.save_model(model, str(out_path))
     return out_path
+
+
+def stamp_contract_dims(model: onnx.ModelProto, contract) -> None:
+    """Name the graph's I/O dims as the contract does (the exporter invents names such as `s53`).
+
+    Only I/O shapes are touched; a mismatch in rank is left for the contract validator to report.
+    """
+    specs = {t.name: t for t in (*contract.inputs, *contract.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        spec = specs.get(value.name)
+        if spec is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(spec.shape):
+            continue
+        for dim, want in zip(dims, spec.shape):
+            if isinstance(want, int):
+                dim.Clear()
+                dim.dim_value = want
+            else:
+                dim.Clear()
+                dim.dim_param = want

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vlmforge.fixtures import tokens as T
 
 
@@ -51,3 +53,50 @@ def tiny_config():
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(**{k: v for k, v in tiny_config_dict().items() if k not in ("model_type", "architectures")})
+
+
+def image_processor_config() -> dict:
+    """`preprocessor_config.json` of the fixture, laid out like the real Qwen2.5-VL checkpoints'.
+
+    `image_processor_type` names the torchvision class (as the hub files do); transformers 5 falls back to
+    `Qwen2VLImageProcessorPil` without torchvision. min/max pixels are Qwen's own: 392 and 672 (multiples
+    of 28) pass through smart_resize unchanged.
+    """
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 16384,
+        "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384},
+    }
+
+
+def build_model(seed: int = 0):
+    """The tiny model in eval mode with deterministic, perturbed weights (see fixtures.checkpoint.perturb_)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vlmforge.fixtures.checkpoint import perturb_
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config())
+    return perturb_(model, seed).eval()
+
+
+def write_fixture(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny Qwen2.5-VL checkpoint folder (weights, tokenizer, processor/generation configs)."""
+    from vlmforge.fixtures.checkpoint import write_hf_folder
+    from vlmforge.fixtures.tokenizer import build_tokenizer
+
+    return write_hf_folder(build_model(seed), build_tokenizer(), image_processor_config(), Path(out_dir))

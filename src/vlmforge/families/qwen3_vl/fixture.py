@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vlmforge.fixtures import tokens as T
 
 
@@ -55,3 +57,49 @@ def tiny_config():
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(**{k: v for k, v in tiny_config_dict().items() if k not in ("model_type", "architectures")})
+
+
+def image_processor_config() -> dict:
+    """`preprocessor_config.json` of the fixture, laid out like the real Qwen3-VL checkpoints'.
+
+    Patch 16 x merge 2 = 32, mean/std 0.5; min/max pixels are Qwen3-VL's own (256^2 .. 4096^2), so 384
+    and 672 (multiples of 32) pass through smart_resize unchanged. The hub files name
+    `Qwen2VLImageProcessorFast`; we name `Qwen2VLImageProcessor`, which transformers 5 maps to the PIL
+    backend when torchvision is missing (the "Fast" name needs torchvision to load).
+    """
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "size": {"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096},
+    }
+
+
+def build_model(seed: int = 0):
+    """The tiny model in eval mode with deterministic, perturbed weights (see fixtures.checkpoint.perturb_)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from vlmforge.fixtures.checkpoint import perturb_
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_config())
+    return perturb_(model, seed).eval()
+
+
+def write_fixture(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny Qwen3-VL checkpoint folder (weights, tokenizer, processor/generation configs)."""
+    from vlmforge.fixtures.checkpoint import write_hf_folder
+    from vlmforge.fixtures.tokenizer import build_tokenizer
+
+    return write_hf_folder(build_model(seed), build_tokenizer(), image_processor_config(), Path(out_dir))

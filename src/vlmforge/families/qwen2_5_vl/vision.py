@@ -1,0 +1,224 @@
+"""Qwen2.5-VL vision stage: the windowed ViT + patch merger as a static-shape graph for one fixed grid.
+
+The stock HF forward cannot be exported (field notes §4): it derives the window permutation, rotary
+positions and per-window `split` lengths from `grid_thw` with `.tolist()` loops. For a fixed image size all
+of that is known on the host, so `VisionForExport` computes it once, with HF's own helpers, and keeps it as
+buffers; the graph then holds only static-shape tensor ops:
+
+- patch embedding as one MatMul with the Conv3d weight reshaped (kernel == stride, so it is the same sum;
+  the Conv cost ~25% of vision time in onnxruntime, §11);
+- windowed blocks gather the (window-ordered) sequence into [num_windows, max_window_len] with a key
+  padding mask only when edge windows are smaller (e.g. 392 px); when all windows are full (sides that are
+  multiples of 112 px, e.g. 672) the layout is a plain reshape and there is no mask;
+- full-attention blocks attend over all patches of the single image, no mask.
+A dense block-diagonal N×N mask would be O(N²) and measured 4.5× slower at 672 px (§4), hence the batching.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.errors import ExportError
+from vlmforge.exporters.onnx_export import export_module
+from vlmforge.families.qwen2_5_vl import dims
+
+STAGE = "vision"
+
+
+class VisionForExport(nn.Module):
+    """HF `Qwen2_5_VisionTransformerPretrainedModel` for one fixed `grid_thw`, static shapes throughout.
+
+    Holds references to the HF submodules (no weight copies); only index/rotary/mask constants are new.
+    `image_grid_thw` is accepted and unused: onnxruntime-genai feeds it, so it must stay a graph input.
+    """
+
+    def __init__(self, visual: nn.Module, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        cfg = visual.config
+        self.patch_embed = visual.patch_embed
+        self.blocks = visual.blocks
+        self.merger = visual.merger
+        self.fullatt = frozenset(int(i) for i in visual.fullatt_block_indexes)
+        self.grid = tuple(int(x) for x in grid)
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.scaling = self.head_dim**-0.5
+
+        layout = _host_layout(visual, self.grid)
+        self.num_patches = layout["num_patches"]
+        self.num_windows, self.window_len = layout["num_windows"], layout["window_len"]
+        self.uniform_windows = layout["uniform"]
+        self.register_buffer("patch_order", layout["patch_order"], persistent=False)
+        self.register_buffer("reverse_index", layout["reverse_index"], persistent=False)
+        self.register_buffer("cos", layout["cos"], persistent=False)
+        self.register_buffer("sin", layout["sin"], persistent=False)
+        self.register_buffer("win_cos", layout["win_cos"], persistent=False)
+        self.register_buffer("win_sin", layout["win_sin"], persistent=False)
+        self.register_buffer("win_gather", layout["win_gather"], persistent=False)
+        self.register_buffer("win_scatter", layout["win_scatter"], persistent=False)
+        self.register_buffer("win_mask", layout["win_mask"], persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        weight = self.patch_embed.proj.weight  # [hidden, C, T, P, P]; kernel == stride
+        x = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+        x = x[self.patch_order]  # window order (HF's permute_input_for_window_attn)
+        for i, blk in enumerate(self.blocks):
+            h = blk.norm1(x)
+            if i in self.fullatt:
+                h = self._attention(blk.attn, h.unsqueeze(0), self.cos, self.sin, None).squeeze(0)
+            else:
+                h = self._windowed_attention(blk.attn, h)
+            x = x + blk.attn.proj(h)
+            x = x + blk.mlp(blk.norm2(x))
+        return self.merger(x)[self.reverse_index]
+
+    def _windowed_attention(self, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        n_win, win_len = self.num_windows, self.window_len
+        if self.uniform_windows:  # windows are contiguous and equal: a reshape, no gather, no mask
+            out = self._attention(attn, h.reshape(n_win, win_len, -1), self.win_cos, self.win_sin, None)
+            return out.reshape(self.num_patches, -1)
+        batched = h[self.win_gather].reshape(n_win, win_len, -1)
+        out = self._attention(attn, batched, self.win_cos, self.win_sin, self.win_mask)
+        return out.reshape(n_win * win_len, -1)[self.win_scatter]
+
+    def _attention(self, attn, h, cos, sin, mask):
+        """Multi-head self-attention with 2-D RoPE over [B, L, C]; returns [B, L, C] before `proj`."""
+        b, n, c = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, L, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.no_grad()
+def _host_layout(visual: nn.Module, grid: tuple[int, int, int]) -> dict:
+    """Every grid-dependent constant, computed with HF's own helpers so it matches the stock forward."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    cfg = visual.config
+    merge_unit = cfg.spatial_merge_size**2
+    grid_t = torch.tensor([grid], dtype=torch.long)
+    n = grid[0] * grid[1] * grid[2]
+    window_index, cu_window = get_vision_window_index(
+        grid_t, spatial_merge_size=cfg.spatial_merge_size, window_size=cfg.window_size, patch_size=cfg.patch_size
+    )
+    patch_order = (window_index[:, None] * merge_unit + torch.arange(merge_unit)).reshape(-1)
+
+    weight = visual.patch_embed.proj.weight
+    position_ids = get_vision_position_ids(grid_t, cfg.spatial_merge_size)
+    cos, sin = visual.rotary_pos_emb(weight, position_ids)  # [N, D], patch order
+    cos, sin = cos[patch_order].float(), sin[patch_order].float()
+
+    cu = [int(x) for x in cu_window.tolist()]
+    starts, lens = cu[:-1], [b - a for a, b in zip(cu[:-1], cu[1:])]
+    n_win, win_len = len(lens), max(lens)
+    gather = torch.tensor([s + min(j, ln - 1) for s, ln in zip(starts, lens) for j in range(win_len)])
+    valid = torch.tensor([[j < ln for j in range(win_len)] for ln in lens])
+    scatter = torch.tensor([w * win_len + j for w, ln in enumerate(lens) for j in range(ln)])
+    mask = torch.zeros(n_win, 1, 1, win_len, dtype=torch.float32)
+    mask.masked_fill_(~valid[:, None, None, :], torch.finfo(torch.float32).min)
+    dtype = weight.dtype
+    return {
+        "num_patches": n,
+        "num_windows": n_win,
+        "window_len": win_len,
+        "uniform": len(set(lens)) == 1,
+        "patch_order": patch_order,
+        "reverse_index": torch.argsort(window_index),
+        "cos": cos[None, None].to(dtype),  # [1, 1 (heads), N, D]
+        "sin": sin[None, None].to(dtype),
+        "win_cos": cos[gather].reshape(n_win, 1, win_len, -1).to(dtype),
+        "win_sin": sin[gather].reshape(n_win, 1, win_len, -1).to(dtype),
+        "win_gather": gather,
+        "win_scatter": scatter,
+        "win_mask": mask.to(dtype),
+    }
+
+
+def _visual(hf_model) -> nn.Module:
+    """The vision tower of a full Qwen2.5-VL model (or the tower itself)."""
+    if hasattr(hf_model, "patch_embed"):
+        return hf_model
+    inner = getattr(hf_model, "model", hf_model)
+    return inner.visual
+
+
+def _vision_cfg(hf_config):
+    """`vision_config` of a full config (object or config.json dict), or the vision config itself."""
+    if isinstance(hf_config, dict):
+        return hf_config.get("vision_config", hf_config)
+    return getattr(hf_config, "vision_config", hf_config)
+
+
+def build_vision_module(hf_model, image_size: int) -> VisionForExport:
+    dims.check_image_size(image_size, where="vision.image_size")
+    visual = _visual(hf_model)
+    return VisionForExport(visual, dims.grid_thw(visual.config, image_size)).eval()
+
+
+def vision_contract(hf_config, image_size: int) -> StageContract:
+    dims.check_image_size(image_size, where="vision.image_size")
+    vcfg = _vision_cfg(hf_config)
+    grid = dims.grid_thw(vcfg, image_size)
+    tokens = dims.tokens_per_image(vcfg, image_size)
+    return StageContract(
+        stage=STAGE,
+        inputs=(
+            TensorSpec("pixel_values", "float32", (dims.num_patches(vcfg, image_size), dims.patch_dim(vcfg))),
+            TensorSpec("image_grid_thw", "int64", (1, 3)),
+        ),
+        outputs=(TensorSpec("image_features", "float32", (tokens, dims.out_hidden_size(vcfg))),),
+        meta={"image_size": image_size, "grid_thw": list(grid), "tokens_per_image": tokens},
+    )
+
+
+def example_inputs(hf_config, image_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, image_grid_thw) of the contract's shapes; values ~N(0, 1) like normalised pixels."""
+    contract = vision_contract(hf_config, image_size)
+    gen = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(*contract.input("pixel_values").shape, generator=gen)
+    grid = torch.tensor([contract.meta["grid_thw"]], dtype=torch.long)
+    return pixel_values, grid
+
+
+def export_vision(hf_model, image_size: int, out_path: Path) -> StageContract:
+    module = build_vision_module(hf_model, image_size)
+    contract = vision_contract(hf_model.config, image_size)
+    export_module(
+        module,
+        example_inputs(hf_model.config, image_size),
+        out_path,
+        input_names=contract.input_names,
+        output_names=contract.output_names,
+        dynamic_shapes=None,
+        stage="qwen2_5_vl/vision",
+        contract=contract,
+    )
+    graph_inputs = [i.name for i in onnx.load(str(out_path), load_external_data=False).graph.input]
+    if graph_inputs != contract.input_names:  # the exporter may prune the unused image_grid_thw
+        raise ExportError(
+            f"vision graph inputs are {graph_inputs}; onnxruntime-genai needs {contract.input_names}",
+            where=str(out_path),
+            fix="this is a vlmforge bug; the exporter pruned an input the runtime feeds",
+        )
+    return contract
+
+
+@torch.no_grad()
+def reference_vision(hf_model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Ground truth: the stock HF tower. Its `pooler_output` is the merged features in image order."""
+    out = _visual(hf_model)(pixel_values, grid_thw=grid_thw)
+    return out.pooler_output

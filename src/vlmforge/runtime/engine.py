@@ -1,0 +1,99 @@
+"""onnxruntime sessions for one artifact set, with numpy in and out.
+
+This is the engine the validators use on a build's staging directory (before any manifest exists)
+and the base of the user-facing runtime. Float inputs are cast to whatever each graph declares, so
+FP16 graphs with FP16 I/O run through the same calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+_ORT_TO_NP = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def make_session(path: Path, providers: list[str] | None = None, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class Graph:
+    def __init__(self, path: Path, providers: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.session = make_session(self.path, providers)
+        self.input_types = {i.name: _ORT_TO_NP.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        cast = {k: np.ascontiguousarray(v, dtype=self.input_types[k]) for k, v in feeds.items() if k in self.input_types}
+        names = outputs or self.output_names
+        values = self.session.run(names, cast)
+        return {n: (v.astype(np.float32) if v.dtype == np.float16 else v) for n, v in zip(names, values)}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    deepstack_layers: int
+    hidden: int
+
+
+class Engine:
+    """vision -> embedding -> decoder for one artifact set."""
+
+    def __init__(self, vision: Path, embedding: Path, decoder: Path, layout: KVLayout, providers=None) -> None:
+        self.vision = Graph(vision, providers)
+        self.embedding = Graph(embedding, providers)
+        self.decoder = Graph(decoder, providers)
+        self.layout = layout
+
+    def encode_image(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.vision.run({"pixel_values": pixel_values, "image_grid_thw": grid_thw})
+        return out["image_features"], out.get("deepstack_features")
+
+    def embed(self, input_ids: np.ndarray, features: np.ndarray | None, deepstack: np.ndarray | None):
+        L, H = self.layout.deepstack_layers, self.layout.hidden
+        feeds = {
+            "input_ids": input_ids.astype(np.int64),
+            "image_features": features if features is not None else np.zeros((0, H), np.float32),
+        }
+        if L:
+            feeds["deepstack_features"] = deepstack if deepstack is not None else np.zeros((L, 0, H), np.float32)
+        out = self.embedding.run(feeds)
+        return out["inputs_embeds"], out.get("deepstack_embeds")
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        lay = self.layout
+        return [np.zeros((batch, lay.kv_heads, 0, lay.head_dim), np.float32) for _ in range(2 * lay.num_layers)]
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, past: list[np.ndarray], deepstack_embeds=None):
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.layout.deepstack_layers:
+            if deepstack_embeds is None:
+                b, s = inputs_embeds.shape[:2]
+                deepstack_embeds = np.zeros((self.layout.deepstack_layers, b, s, self.layout.hidden), np.float32)
+            feeds["deepstack_embeds"] = deepstack_embeds
+        for i in range(self.layout.num_layers):
+            feeds[f"past_key_values.{i}.key"] = past[2 * i]
+            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        out = self.decoder.run(feeds)
+        presents = []
+        for i in range(self.layout.num_layers):
+            presents += [out[f"present.{i}.key"], out[f"present.{i}.value"]]
+        return out["logits"], presents

@@ -1,0 +1,104 @@
+"""Each graph alone against the PyTorch model, on real inputs (images through the image processor,
+chat prompts through the chat template)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlmforge.runtime import mrope
+from vlmforge.runtime.engine import Engine
+from vlmforge.validators.reference import Reference
+from vlmforge.validators.results import CheckResult, at_most
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+
+
+def check_preprocess(ref: Reference, images, tol: dict) -> list[CheckResult]:
+    """vlmforge's numpy preprocessing (what the runtime ships) vs HF's image processor."""
+    out = []
+    for i, img in enumerate(images):
+        ours, grid = ref.params.patches(img)
+        hf, hf_grid = ref.hf_pixels(img)
+        diff = _max_abs(ours, hf.numpy()) if list(grid[0]) == hf_grid[0].tolist() else float("inf")
+        out.append(at_most("preprocess", f"pixel_values image {i}", "max_abs", diff, tol["max_abs"]))
+    return out
+
+
+def check_vision(engine: Engine, ref: Reference, images, tol: dict, deepstack: bool) -> list[CheckResult]:
+    out = []
+    for i, img in enumerate(images):
+        pv, grid = ref.hf_pixels(img)
+        feats, ds = engine.encode_image(pv.numpy(), grid.numpy())
+        want, want_ds = ref.vision(pv, grid)
+        out.append(at_most("vision", f"image_features image {i}", "max_abs", _max_abs(feats, want), tol["max_abs"]))
+        if deepstack:
+            out.append(at_most("vision", f"deepstack_features image {i}", "max_abs", _max_abs(ds, want_ds), tol["max_abs"]))
+    return out
+
+
+def _batch(ref: Reference, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded batch (the padding side generation uses)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def check_embedding(engine: Engine, ref: Reference, image, tol: dict, deepstack: bool) -> list[CheckResult]:
+    cfg = ref.config
+    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+    pv, grid = ref.hf_pixels(image)
+    feats, ds = ref.vision(pv, grid)
+    out = []
+    # N > 0: batch of 2, image prompt + left-padded text prompt.
+    ids, _ = _batch(ref, [ref.prompt_ids("Describe the picture.", 1), ref.prompt_ids("Hello there.", 0)], pad)
+    got, got_ds = engine.embed(ids, feats, ds if deepstack else None)
+    want = ref.inject(ref.text_embeds(ids), ids, feats)
+    out.append(at_most("embedding", "batch 2, N>0", "max_abs", _max_abs(got, want), tol["max_abs"]))
+    if deepstack:
+        out.append(at_most("embedding", "deepstack_embeds batch 2, N>0", "max_abs",
+                           _max_abs(got_ds, ref.deepstack_dense(ids, ds)), tol["max_abs"]))
+    # N = 0: decode-step shape, batch of 2.
+    ids0 = np.array([[5, 17, 42], [99, 3, 250]], np.int64)
+    got0, _ = engine.embed(ids0, None, None)
+    out.append(at_most("embedding", "batch 2, N=0", "max_abs", _max_abs(got0, ref.text_embeds(ids0)), tol["max_abs"]))
+    return out
+
+
+def check_decoder(engine: Engine, ref: Reference, image, tol: dict, deepstack: bool, steps: int = 3) -> list[CheckResult]:
+    """Prefill (empty past) and decode steps (with past), batch of 2 with left padding, image-derived
+    3-D positions. HF side: the full model forward, positions computed by HF from mm_token_type_ids."""
+    cfg = ref.config
+    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+    pv, grid = ref.hf_pixels(image)
+    feats, ds = ref.vision(pv, grid)
+    ids, mask = _batch(ref, [ref.prompt_ids("What is in the image?", 1), ref.prompt_ids("Say something.", 0)], pad)
+    embeds = ref.inject(ref.text_embeds(ids), ids, feats)
+    dense = ref.deepstack_dense(ids, ds) if deepstack else None
+    positions, deltas = mrope.rope_index(
+        ids, mask, grid.numpy(), image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
+        spatial_merge_size=ref.params.merge_size, family=ref.family_key,
+    )
+    logits, past = engine.decode(embeds, mask, positions, engine.empty_past(2), dense)
+    want = ref.logits(ids, mask, pv, grid)
+    attended = mask.astype(bool)
+    out = [at_most("decoder", "prefill batch 2 left-padded, empty past", "logits max_abs",
+                   _max_abs(logits[attended], want[attended]), tol["logits_max_abs"])]
+    worst = 0.0
+    for _ in range(steps):
+        nxt = want[:, -1].argmax(-1).reshape(2, 1).astype(np.int64)
+        ids = np.concatenate([ids, nxt], 1)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        pos = mrope.decode_position_ids(deltas, attention_mask=mask, new_tokens=1)
+        step_logits, past = engine.decode(ref.text_embeds(nxt), mask, pos, past, None)
+        want = ref.logits(ids, mask, pv, grid)
+        worst = max(worst, _max_abs(step_logits[:, -1], want[:, -1]))
+    out.append(at_most("decoder", f"{steps} decode steps with past", "logits max_abs", worst, tol["logits_max_abs"]))
+    return out

@@ -1,0 +1,159 @@
+"""The PyTorch side of every comparison: the HF model run the way HF runs it.
+
+Inputs are real: images through the HF image processor, prompts through the checkpoint's chat template,
+3-D positions computed by HF itself (`mm_token_type_ids` passed, or HF silently uses 1-D positions).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmforge.runtime import prompt as P
+from vlmforge.runtime.preprocess import image_to_patches
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    size: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def patches(self, image) -> tuple[np.ndarray, np.ndarray]:
+        return image_to_patches(
+            image, size=self.size, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+            merge_size=self.merge_size, mean=self.mean, std=self.std,
+        )
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.size // self.patch_size // self.merge_size) ** 2
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                "merge_size": self.merge_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def image_params(source_path: Path, hf_config, size: int) -> ImageParams:
+    """Read the checkpoint's preprocessor_config.json; the vision config fills what it lacks."""
+    vc = hf_config.vision_config
+    cfg_path = Path(source_path) / "preprocessor_config.json"
+    pp = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    default_mean = (0.5, 0.5, 0.5) if hf_config.model_type == "qwen3_vl" else (0.48145466, 0.4578275, 0.40821073)
+    default_std = (0.5, 0.5, 0.5) if hf_config.model_type == "qwen3_vl" else (0.26862954, 0.26130258, 0.27577711)
+    return ImageParams(
+        size=size,
+        patch_size=int(pp.get("patch_size", vc.patch_size)),
+        temporal_patch_size=int(pp.get("temporal_patch_size", vc.temporal_patch_size)),
+        merge_size=int(pp.get("merge_size", vc.spatial_merge_size)),
+        mean=tuple(float(x) for x in pp.get("image_mean", default_mean)),
+        std=tuple(float(x) for x in pp.get("image_std", default_std)),
+    )
+
+
+class Reference:
+    def __init__(self, family_key: str, hf_model, source_path: Path, params: ImageParams) -> None:
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        self.family_key = family_key
+        self.model = hf_model
+        self.config = hf_model.config
+        self.params = params
+        self.tokenizer = AutoTokenizer.from_pretrained(str(source_path))
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(source_path))
+        self._vision_mod = importlib.import_module(f"vlmforge.families.{family_key}.vision")
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def hf_pixels(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's own image processor, forced to the artifact's fixed size (square inputs land exactly on it)."""
+        s = self.params.size
+        out = self.image_processor(
+            images=[image],
+            size={"shortest_edge": s * s, "longest_edge": s * s},
+            patch_size=self.params.patch_size,
+            merge_size=self.params.merge_size,
+            return_tensors="pt",
+        )
+        return out["pixel_values"].float(), out["image_grid_thw"]
+
+    def prompt_ids(self, text: str, n_images: int) -> list[int]:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return P.expand_image_tokens(
+            ids, [self.params.tokens_per_image] * n_images, self.config.image_token_id,
+            vision_start_token_id=self.config.vision_start_token_id,
+        )
+
+    # -- model --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self._vision_mod.reference_vision(self.model, pixel_values, grid_thw)
+        if isinstance(out, tuple):
+            return out[0].float().numpy(), (out[1].float().numpy() if out[1] is not None else None)
+        return out.float().numpy(), None
+
+    def _mm_kwargs(self, input_ids: torch.Tensor, pixel_values, grids) -> dict:
+        kw = {"mm_token_type_ids": torch.from_numpy(P.mm_token_type_ids(input_ids.numpy(), self.config.image_token_id))}
+        if pixel_values is not None:
+            kw["pixel_values"] = pixel_values
+            kw["image_grid_thw"] = grids
+        return kw
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values=None, grids=None) -> np.ndarray:
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+            use_cache=False,
+            **self._mm_kwargs(ids, pixel_values, grids),
+        )
+        return out.logits.float().numpy()
+
+    @torch.no_grad()
+    def text_embeds(self, input_ids: np.ndarray) -> np.ndarray:
+        emb = self.model.get_input_embeddings()(torch.from_numpy(input_ids.astype(np.int64)))
+        return emb.float().numpy()
+
+    @torch.no_grad()
+    def generate(self, input_ids: np.ndarray, pixel_values, grids, new_tokens: int) -> tuple[list[int], np.ndarray]:
+        """Greedy HF generate with exactly `new_tokens` tokens (EOS suppressed until then, as min_new_tokens)."""
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **self._mm_kwargs(ids, pixel_values, grids),
+        )
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        logits = torch.stack([lg[0] for lg in out.logits]).float().numpy()
+        return tokens, logits
+
+    def inject(self, embeds: np.ndarray, input_ids: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """HF's injection: masked_scatter of the features into the image-token positions."""
+        e = torch.from_numpy(embeds)
+        mask = torch.from_numpy(input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(e)
+        return e.masked_scatter(mask, torch.from_numpy(features).to(e.dtype)).numpy()
+
+    def deepstack_dense(self, input_ids: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        """[L, N, H] features -> dense [L, B, S, H], zeros at text positions (what HF adds per layer)."""
+        L, _, H = deepstack.shape
+        b, s = input_ids.shape
+        dense = np.zeros((L, b, s, H), np.float32)
+        mask = input_ids == self.config.image_token_id
+        dense[:, mask, :] = deepstack
+        return dense
