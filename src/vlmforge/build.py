@@ -21,6 +21,7 @@ from vlmforge.config import BuildConfig, resolve_image_size, to_dict
 from vlmforge.errors import ValidationFailed
 from vlmforge.manifest import hash_files, toolchain, write_manifest
 from vlmforge.registry import STAGES, get_family
+from vlmforge.runtime.genai_config import write_runtime_configs
 from vlmforge.source import TOKENIZER_FILES, load_model, open_source
 from vlmforge.validators.reference import image_params
 from vlmforge.validators.results import CheckResult
@@ -77,6 +78,7 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
             timings[f"export.{stage}"] = time.perf_counter() - t
         _copy_runtime_files(source.path, staging)
         params = image_params(source.path, model.config, image_size)
+        write_runtime_configs(staging, family.key, model.config, contracts, params, deepstack)
         checks: list[CheckResult] = []
         if cfg.validate.enabled:
             t = time.perf_counter()

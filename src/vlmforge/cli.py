@@ -114,7 +114,9 @@ def cmd_fixture(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmforge", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="vlmforge", description="Build, validate, verify and run ONNX artifact sets of vision-language models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.add_argument("--recipes", help="recipes folder (default: ./recipes)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -135,6 +137,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("family")
     f.add_argument("out")
     f.set_defaults(func=cmd_fixture)
+    from vlmforge.runtime.commands import register
+
+    register(sub)
     return p
 
 

@@ -63,12 +63,12 @@ def image_processor_config() -> dict:
     """`preprocessor_config.json` of the fixture, laid out like the real Qwen3-VL checkpoints'.
 
     Patch 16 x merge 2 = 32, mean/std 0.5; min/max pixels are Qwen3-VL's own (256^2 .. 4096^2), so 384
-    and 672 (multiples of 32) pass through smart_resize unchanged. The hub files name
-    `Qwen2VLImageProcessorFast`; we name `Qwen2VLImageProcessor`, which transformers 5 maps to the PIL
-    backend when torchvision is missing (the "Fast" name needs torchvision to load).
+    and 672 (multiples of 32) pass through smart_resize unchanged. Like the hub files it names
+    `Qwen2VLImageProcessorFast`; transformers 5.23 loads that name as `Qwen2VLImageProcessorPil` when
+    torchvision is missing (checked in tests/test_fixtures.py).
     """
     return {
-        "image_processor_type": "Qwen2VLImageProcessor",
+        "image_processor_type": "Qwen2VLImageProcessorFast",
         "processor_class": "Qwen3VLProcessor",
         "do_convert_rgb": True,
         "do_normalize": True,
