@@ -33,7 +33,7 @@ def compose(overrides: list[str], recipes: Path):
     try:
         with initialize_config_dir(config_dir=str(recipes), version_base=None):
             cfg = hydra_compose(config_name="build", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
         raise RecipeError(
             f"recipe does not compose: {' '.join(str(exc).split())[:600]}",
             where=f"{recipes}/build.yaml with overrides {list(overrides)}",

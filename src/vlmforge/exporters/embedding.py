@@ -23,9 +23,14 @@ class EmbeddingForExport(torch.nn.Module):
         b, s = input_ids.shape[0], input_ids.shape[1]
         text = self.embed_tokens(input_ids)
         hidden = text.shape[-1]
-        mask = input_ids == self.image_token_id  # [B, S]
-        flat = mask.reshape(-1).to(torch.int64)
-        index = torch.cumsum(flat, dim=0) * flat  # k-th image token (row-major over the batch) -> row k
+        is_image = (input_ids == self.image_token_id).reshape(-1).to(torch.int64)
+        rank = torch.cumsum(is_image, dim=0) * is_image  # k-th image token (row-major over the batch) -> row k
+        # Only image tokens that have a feature row are replaced: an `<|image_pad|>` the model generates on a
+        # decode step (N = 0) keeps its token embedding, as in HF, instead of indexing past the features.
+        n = torch.ones_like(image_features[:, 0], dtype=torch.int64).sum()
+        valid = (rank > 0) & (rank <= n)
+        index = torch.where(valid, rank, torch.zeros_like(rank))
+        mask = valid.reshape(b, s)
         zero = torch.zeros((1, hidden), dtype=text.dtype)
         feats = torch.cat([zero, image_features.to(text.dtype)], dim=0)
         injected = feats[index].reshape(b, s, hidden)

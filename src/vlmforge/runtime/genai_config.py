@@ -1,11 +1,217 @@
-"""Runtime configs written beside every artifact set (onnxruntime-genai `genai_config.json`,
-`processor_config.json`). Filled in by the runtime work; the build calls `write_runtime_configs`."""
+"""Runtime configs written beside every artifact set; the build calls `write_runtime_configs`.
+
+* `runtime_config.json` (always): what vlmforge's own runtime needs beyond the manifest's contracts —
+  the context length (the text model's `max_position_embeddings`), the EOS/pad ids generation stops and
+  pads with, and whether onnxruntime-genai can load the set (and why not).
+* `genai_config.json` + `processor_config.json` (only when onnxruntime-genai 0.18 runs the set
+  faithfully: Qwen2.5-VL always, Qwen3-VL only with DeepStack dropped — 0.18 has no DeepStack path,
+  field notes §9). Its JSON parser rejects unknown keys, so this file holds nothing of vlmforge's own.
+  Schema: `src/config.cpp` of microsoft/onnxruntime-genai (Model_Element, Decoder_Element,
+  Embedding_Element, Vision_Element, Search_Element); the model type `qwen2_5_vl` / `qwen3_vl` without
+  a `decoder.pipeline` selects its MultiModalLanguageModel (vision -> embedding -> decoder sessions,
+  3-D MRoPE positions computed by the runtime, vision run once per image with `image_grid_thw [1, 3]`).
+* `processor_config.json`: the onnxruntime-extensions image pipeline DecodeImage -> ConvertRGB ->
+  Resize (`smart_resize: 0`, the fixed side) -> Rescale -> Normalize -> PatchImage. ConvertRGB is
+  required (without it pixels differ from HF's by up to ~3.7).
+
+The decoder concatenates past and new keys/values, so `search.past_present_share_buffer` must be false
+(a shared buffer needs a fused attention kernel that writes in place).
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+
+from vlmforge.errors import ContractError
+
+GENAI_CONFIG = "genai_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+RUNTIME_CONFIG = "runtime_config.json"
+GENAI_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
+
+
+def genai_loadable(family_key: str, deepstack: bool) -> tuple[bool, str]:
+    """(loadable, reason) for onnxruntime-genai 0.18."""
+    if family_key not in GENAI_TYPES:
+        return False, f"onnxruntime-genai has no model type for family {family_key!r}"
+    if deepstack:
+        return False, ("onnxruntime-genai 0.18 has no DeepStack path; build with model.deepstack=drop for a "
+                       "genai-loadable (less accurate) Qwen3-VL artifact set")
+    return True, ""
 
 
 def write_runtime_configs(directory: Path, family_key: str, hf_config, contracts: dict, params, deepstack: bool) -> list[Path]:
     """Write the runtime config files into `directory`; return their paths."""
-    return []
+    directory = Path(directory)
+    tc = hf_config.text_config
+    ids = token_ids(hf_config, _generation_config(directory))
+    loadable, reason = genai_loadable(family_key, deepstack)
+    runtime = {
+        "format": "vlmforge-runtime",
+        "version": 1,
+        "family": family_key,
+        "context_length": int(tc.max_position_embeddings),
+        "eos_token_ids": ids["eos"],
+        "pad_token_id": ids["pad"],
+        "genai": {"loadable": loadable, "reason": reason},
+    }
+    written = [_write_json(directory / RUNTIME_CONFIG, runtime)]
+    if loadable:
+        genai = genai_config(family_key, hf_config, contracts, params, ids)
+        written.append(_write_json(directory / GENAI_CONFIG, genai))
+        written.append(_write_json(directory / PROCESSOR_CONFIG, processor_config(family_key, params)))
+    return written
+
+
+def token_ids(hf_config, generation_config: dict) -> dict:
+    """EOS list (generation_config first, then the text config's, de-duplicated), pad, bos."""
+    tc = hf_config.text_config
+    eos: list[int] = []
+    for source in (generation_config.get("eos_token_id"), getattr(tc, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        for e in (source if isinstance(source, (list, tuple)) else [source]):
+            if e is not None and int(e) not in eos:
+                eos.append(int(e))
+    pad = generation_config.get("pad_token_id", getattr(tc, "pad_token_id", None))
+    bos = generation_config.get("bos_token_id", getattr(tc, "bos_token_id", None))
+    return {"eos": eos, "pad": pad if pad is not None else (eos[0] if eos else 0), "bos": bos}
+
+
+def genai_config(family_key: str, hf_config, contracts: dict, params, ids: dict) -> dict:
+    tc = hf_config.text_config
+    dec, emb, vis = contracts["decoder"], contracts["embedding"], contracts["vision"]
+    kv = _kv_dims(dec)
+    context = int(tc.max_position_embeddings)
+    model = {
+        "type": GENAI_TYPES[family_key],
+        "context_length": context,
+        "vocab_size": int(tc.vocab_size),
+        "eos_token_id": ids["eos"],
+        "pad_token_id": int(ids["pad"]),
+        "image_token_id": int(hf_config.image_token_id),
+        "vision_start_token_id": int(hf_config.vision_start_token_id),
+        "decoder": {
+            "filename": "decoder.onnx",
+            "hidden_size": int(tc.hidden_size),
+            "num_attention_heads": int(tc.num_attention_heads),
+            "num_key_value_heads": kv["kv_heads"],
+            "num_hidden_layers": kv["num_layers"],
+            "head_size": kv["head_dim"],
+            "inputs": {
+                "inputs_embeds": _need(dec, "inputs", "inputs_embeds"),
+                "attention_mask": _need(dec, "inputs", "attention_mask"),
+                "position_ids": _need(dec, "inputs", "position_ids"),
+                "past_key_names": "past_key_values.%d.key",
+                "past_value_names": "past_key_values.%d.value",
+            },
+            "outputs": {
+                "logits": _need(dec, "outputs", "logits"),
+                "present_key_names": "present.%d.key",
+                "present_value_names": "present.%d.value",
+            },
+        },
+        "embedding": {
+            "filename": "embedding.onnx",
+            "inputs": {"input_ids": _need(emb, "inputs", "input_ids"), "image_features": _need(emb, "inputs", "image_features")},
+            "outputs": {"inputs_embeds": _need(emb, "outputs", "inputs_embeds")},
+        },
+        "vision": {
+            "filename": "vision.onnx",
+            "config_filename": PROCESSOR_CONFIG,
+            "spatial_merge_size": int(params.merge_size),
+            "patch_size": int(params.patch_size),
+            "inputs": {"pixel_values": _need(vis, "inputs", "pixel_values"), "image_grid_thw": _need(vis, "inputs", "image_grid_thw")},
+            "outputs": {"image_features": _need(vis, "outputs", "image_features")},
+        },
+    }
+    if ids.get("bos") is not None:
+        model["bos_token_id"] = int(ids["bos"])
+    video = getattr(hf_config, "video_token_id", None)
+    if video is not None:
+        model["video_token_id"] = int(video)
+    vc = hf_config.vision_config
+    if getattr(vc, "tokens_per_second", None) is not None:
+        model["vision"]["tokens_per_second"] = float(vc.tokens_per_second)
+    if getattr(vc, "window_size", None) is not None:
+        model["vision"]["window_size"] = int(vc.window_size)
+    search = {
+        "do_sample": False,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "max_length": context,
+        "min_length": 0,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "diversity_penalty": 0.0,
+        "early_stopping": True,
+        "past_present_share_buffer": False,
+    }
+    return {"model": model, "search": search}
+
+
+def processor_config(family_key: str, params) -> dict:
+    def op(name: str, kind: str, **attrs) -> dict:
+        out = {"name": name, "type": kind}
+        if attrs:
+            out["attrs"] = attrs
+        return {"operation": out}
+
+    return {
+        "processor": {
+            "name": f"{family_key}_image_processor",
+            "transforms": [
+                op("decode_image", "DecodeImage", color_space="RGB"),
+                op("convert_to_rgb", "ConvertRGB"),
+                op("resize", "Resize", width=int(params.size), height=int(params.size), smart_resize=0,
+                   patch_size=int(params.patch_size), merge_size=int(params.merge_size)),
+                op("rescale", "Rescale", rescale_factor=1 / 255),
+                op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{GENAI_TYPES[family_key]: 1}),
+                op("patch_image", "PatchImage", patch_size=int(params.patch_size),
+                   temporal_patch_size=int(params.temporal_patch_size), merge_size=int(params.merge_size)),
+            ],
+        }
+    }
+
+
+def _kv_dims(dec) -> dict:
+    layers = sorted(int(m.group(1)) for n in dec.input_names if (m := re.fullmatch(r"past_key_values\.(\d+)\.key", n)))
+    if not layers or layers != list(range(len(layers))):
+        raise ContractError(
+            f"decoder contract has past key inputs for layers {layers}; expected 0..N-1",
+            where="decoder contract (vlmforge.runtime.genai_config)",
+            fix="export the decoder with flat past_key_values.{i}.key/value inputs",
+        )
+    shape = dec.input("past_key_values.0.key").shape
+    for i in layers:
+        for kind in ("key", "value"):
+            _need(dec, "inputs", f"past_key_values.{i}.{kind}")
+            _need(dec, "outputs", f"present.{i}.{kind}")
+    return {"num_layers": len(layers), "kv_heads": int(shape[1]), "head_dim": int(shape[3])}
+
+
+def _need(contract, side: str, name: str) -> str:
+    names = contract.input_names if side == "inputs" else contract.output_names
+    if name not in names:
+        raise ContractError(
+            f"{contract.stage} contract has no {side[:-1]} {name!r} (it has {names})",
+            where=f"{contract.stage} contract (vlmforge.runtime.genai_config)",
+            fix="onnxruntime-genai binds graph I/O by these names; keep the onnxruntime-genai naming in the contract",
+        )
+    return name
+
+
+def _generation_config(directory: Path) -> dict:
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

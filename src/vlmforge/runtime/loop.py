@@ -1,10 +1,19 @@
 """The generation loop over an `Engine`: prefill (vision -> embedding -> decoder), then decode steps.
 
-Shared by the chain validator and the user-facing runtime, so the validated loop is the shipped loop.
+Shared by the chain validator and the user-facing runtime, so the validated loop is the shipped loop:
+both go through `prefill` / `DecodeState.step`, whose decoder runs on the IOBinding KV cache of
+`vlmforge.runtime.kv` (no per-token reallocation or host copies of the cache).
+
+Batches are left-padded (the padding side generation uses); positions come from `mrope.rope_index`
+with the attention mask at prefill and `mrope.decode_position_ids(attention_mask=...)` afterwards.
+Long prompts are prefilled in chunks of `prefill_chunk` tokens (exact: each chunk attends to the cache
+of the previous ones), which bounds the prefill logits buffer to ``B * chunk * vocab``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -12,6 +21,9 @@ import numpy as np
 
 from vlmforge.runtime import mrope
 from vlmforge.runtime.engine import Engine
+from vlmforge.runtime.kv import BoundDecoder
+
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,32 @@ class TokenIds:
     eos: tuple[int, ...]
     merge_size: int
     family: str
+
+
+@dataclass
+class GenerationStats:
+    """Wall-clock facts of one generate call (seconds). `ttft_s` counts from the call to the first token."""
+
+    batch: int = 1
+    prompt_tokens: int = 0
+    images: int = 0
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    new_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by decode steps per second, all rows counted (0 when nothing was decoded)."""
+        return self.decode_steps * self.batch / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return out
 
 
 def encode_images(engine: Engine, images) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
@@ -49,6 +87,103 @@ def encode_images(engine: Engine, images) -> tuple[np.ndarray | None, np.ndarray
     )
 
 
+def left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids [B, S] and attention mask [B, S]."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+class DecodeState:
+    """The KV cache and masks of one (batched) generation after prefill; `logits` are the last position's."""
+
+    def __init__(self, engine: Engine, decoder: BoundDecoder, mask: np.ndarray, deltas: np.ndarray,
+                 logits: np.ndarray, stats: GenerationStats) -> None:
+        self.engine = engine
+        self.decoder = decoder
+        self.mask = mask
+        self.deltas = deltas
+        self.logits = logits  # [B, V] float32
+        self.stats = stats
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def step(self, tokens) -> np.ndarray:
+        """Feed one token per row; returns (and keeps) the new last-position logits [B, V]."""
+        t = time.perf_counter()
+        tokens = np.asarray(tokens, np.int64).reshape(-1, 1)
+        embeds, _ = self.engine.embed(tokens, None, None)
+        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], 1)
+        positions = mrope.decode_position_ids(self.deltas, attention_mask=self.mask, new_tokens=1)
+        logits = self.decoder.run(embeds, self.mask, positions, None)
+        self.logits = logits[:, -1].astype(np.float32)
+        self.stats.decode_s += time.perf_counter() - t
+        self.stats.decode_steps += 1
+        return self.logits
+
+
+def prefill(
+    engine: Engine,
+    prompts: Sequence[PromptInputs],
+    ids: TokenIds,
+    *,
+    max_new_tokens: int,
+    pad_id: int = 0,
+    kv_mode: str = "preallocated",
+    device: str = "cpu",
+    prefill_chunk: int = PREFILL_CHUNK,
+    stats: GenerationStats | None = None,
+) -> DecodeState:
+    """Vision for every image (batch-major order), embedding, decoder prefill; the cache is sized for
+    prompt + `max_new_tokens` once, here."""
+    stats = stats if stats is not None else GenerationStats()
+    rows = [np.asarray(p.input_ids, np.int64).reshape(-1) for p in prompts]
+    input_ids, mask = left_pad(rows, pad_id)
+    stats.batch, stats.prompt_tokens = len(rows), int(mask.sum())
+    t = time.perf_counter()
+    images = [img for p in prompts for img in p.images]
+    features, deepstack, grids = encode_images(engine, images)
+    stats.images = len(images)
+    stats.vision_s += time.perf_counter() - t
+    t = time.perf_counter()
+    embeds, deep_embeds = engine.embed(input_ids, features, deepstack)
+    positions, deltas = mrope.rope_index(
+        input_ids, mask, grids, image_token_id=ids.image, vision_start_token_id=ids.vision_start,
+        spatial_merge_size=ids.merge_size, family=ids.family,
+    )
+    seq = input_ids.shape[1]
+    decoder = BoundDecoder(engine.decoder, engine.layout, batch=len(rows), capacity=seq + max(max_new_tokens, 0),
+                           mode=kv_mode, device=device)
+    chunk = max(int(prefill_chunk), 1)
+    for a in range(0, seq, chunk):
+        b = min(seq, a + chunk)
+        ds = deep_embeds[:, :, a:b] if deep_embeds is not None else None
+        logits = decoder.run(embeds[:, a:b], mask[:, :b], positions[:, :, a:b], ds)
+    last = logits[:, -1].astype(np.float32)
+    stats.prefill_s += time.perf_counter() - t
+    return DecodeState(engine, decoder, mask, deltas, last, stats)
+
+
+def decode_steps(state: DecodeState, *, max_new_tokens: int, select: Callable[[np.ndarray, int], np.ndarray]) -> Iterator[np.ndarray]:
+    """Yield the tokens [B] `select(scores [B, V], step)` picks at each step; stop by closing the iterator.
+
+    The state advances (one decoder step) only when the next token is asked for, so a consumer that
+    stops after the last token it needs never pays for an extra step.
+    """
+    for step in range(max_new_tokens):
+        tokens = np.asarray(select(state.logits, step), np.int64).reshape(-1)
+        yield tokens
+        if step + 1 == max_new_tokens:
+            return
+        state.step(tokens)
+
+
 def generate_tokens(
     engine: Engine,
     prompt: PromptInputs,
@@ -57,20 +192,13 @@ def generate_tokens(
     max_new_tokens: int,
     choose: Callable[[np.ndarray, list[int]], int],
     min_new_tokens: int = 0,
+    kv_mode: str = "preallocated",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (token, raw last-position logits [V]) per step; stops at EOS (after min_new_tokens) or the limit."""
-    input_ids = np.asarray(prompt.input_ids, np.int64).reshape(1, -1)
-    features, deepstack, grids = encode_images(engine, prompt.images)
-    embeds, deep_embeds = engine.embed(input_ids, features, deepstack)
-    positions, deltas = mrope.rope_index(
-        input_ids, None, grids, image_token_id=ids.image, vision_start_token_id=ids.vision_start,
-        spatial_merge_size=ids.merge_size, family=ids.family,
-    )
-    mask = np.ones_like(input_ids)
-    logits, past = engine.decode(embeds, mask, positions, engine.empty_past(1), deep_embeds)
+    state = prefill(engine, [prompt], ids, max_new_tokens=max_new_tokens, kv_mode=kv_mode)
     generated: list[int] = []
     for step in range(max_new_tokens):
-        raw = logits[0, -1].astype(np.float32)
+        raw = state.logits[0].copy()
         scored = raw.copy()
         if step < min_new_tokens:
             scored[list(ids.eos)] = -np.inf
@@ -79,11 +207,7 @@ def generate_tokens(
         yield token, raw
         if token in ids.eos or step + 1 == max_new_tokens:
             return
-        next_ids = np.array([[token]], np.int64)
-        embeds, deep_embeds = engine.embed(next_ids, None, None)
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        positions = mrope.decode_position_ids(deltas, past_len=mask.shape[1] - 1, new_tokens=1)
-        logits, past = engine.decode(embeds, mask, positions, past, None)
+        state.step([token])
 
 
 def greedy(scores: np.ndarray, generated: list[int]) -> int:

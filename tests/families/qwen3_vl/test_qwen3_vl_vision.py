@@ -161,7 +161,9 @@ def test_vision_contract_describes_static_graph(model):
         ("image_features", "float32", (144, 64)),
         ("deepstack_features", "float32", (2, 144, 64)),
     ]
-    assert contract.meta == {"image_size": 384, "grid_thw": [1, 24, 24], "tokens_per_image": 144, "deepstack_layers": [0, 2]}
+    assert contract.meta == {
+        "image_size": 384, "grid_thw": [1, 24, 24], "tokens_per_image": 144, "deepstack_layers": [0, 2]
+    }
     flat = V.vision_contract(model.config, 384, deepstack=False)
     assert flat.output_names == ["image_features"] and flat.meta["deepstack_layers"] == []
 

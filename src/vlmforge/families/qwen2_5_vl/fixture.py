@@ -100,3 +100,16 @@ def write_fixture(out_dir: Path, seed: int = 0) -> Path:
     from vlmforge.fixtures.tokenizer import build_tokenizer
 
     return write_hf_folder(build_model(seed), build_tokenizer(), image_processor_config(), Path(out_dir))
+
+
+def trained_config_dict() -> dict:
+    """The config of the trained fixture (`vlmforge.fixtures.train`): the tiny config with 56-px windows.
+
+    Why not the tiny config as is: the trained model sees 112-px images (8 x 8 patches), where 112-px
+    windows would cover the whole image and the window path would be full attention in disguise. 56-px
+    windows give 4 windows per image (one per cell of the task's 2 x 2 grid), so the window-attention
+    blocks (0, 2) and the full-attention blocks (1, 3) really differ in a trained, exported model.
+    """
+    cfg = tiny_config_dict()
+    cfg["vision_config"] = {**cfg["vision_config"], "window_size": 56}
+    return cfg

@@ -69,33 +69,32 @@ class VisionForExport(nn.Module):
         x = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
         x = x[self.patch_order]  # window order (HF's permute_input_for_window_attn)
         for i, blk in enumerate(self.blocks):
-            h = blk.norm1(x)
+            qkv = blk.attn.qkv(blk.norm1(x))  # [N, 3C], on the unpadded sequence
             if i in self.fullatt:
-                h = self._attention(blk.attn, h.unsqueeze(0), self.cos, self.sin, None).squeeze(0)
+                h = self._attention(qkv.unsqueeze(0), self.cos, self.sin, None).squeeze(0)
             else:
-                h = self._windowed_attention(blk.attn, h)
+                h = self._windowed_attention(qkv)
             x = x + blk.attn.proj(h)
             x = x + blk.mlp(blk.norm2(x))
         return self.merger(x)[self.reverse_index]
 
-    def _windowed_attention(self, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _windowed_attention(self, qkv: torch.Tensor) -> torch.Tensor:
         n_win, win_len = self.num_windows, self.window_len
         if self.uniform_windows:  # windows are contiguous and equal: a reshape, no gather, no mask
-            out = self._attention(attn, h.reshape(n_win, win_len, -1), self.win_cos, self.win_sin, None)
+            out = self._attention(qkv.reshape(n_win, win_len, -1), self.win_cos, self.win_sin, None)
             return out.reshape(self.num_patches, -1)
-        batched = h[self.win_gather].reshape(n_win, win_len, -1)
-        out = self._attention(attn, batched, self.win_cos, self.win_sin, self.win_mask)
+        batched = qkv[self.win_gather].reshape(n_win, win_len, -1)
+        out = self._attention(batched, self.win_cos, self.win_sin, self.win_mask)
         return out.reshape(n_win * win_len, -1)[self.win_scatter]
 
-    def _attention(self, attn, h, cos, sin, mask):
-        """Multi-head self-attention with 2-D RoPE over [B, L, C]; returns [B, L, C] before `proj`."""
-        b, n, c = h.shape
-        qkv = attn.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, L, D]
-        q = q * cos + _rotate_half(q) * sin
+    def _attention(self, qkv, cos, sin, mask):
+        """Multi-head self-attention with 2-D RoPE; qkv [B, L, 3C] -> [B, L, C] (before `proj`)."""
+        b, n, c3 = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * cos + _rotate_half(q) * sin  # [B, H, L, D]
         k = k * cos + _rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        return out.transpose(1, 2).reshape(b, n, c)
+        return out.transpose(1, 2).reshape(b, n, c3 // 3)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -103,3 +103,9 @@ def write_fixture(out_dir: Path, seed: int = 0) -> Path:
     from vlmforge.fixtures.tokenizer import build_tokenizer
 
     return write_hf_folder(build_model(seed), build_tokenizer(), image_processor_config(), Path(out_dir))
+
+
+def trained_config_dict() -> dict:
+    """The config of the trained fixture (`vlmforge.fixtures.train`): the tiny config unchanged
+    (DeepStack at vision blocks 0 and 2, interleaved MRoPE, GQA, merge 2)."""
+    return tiny_config_dict()

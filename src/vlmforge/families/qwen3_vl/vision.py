@@ -106,9 +106,7 @@ def merge_order_rows_cols(h: int, w: int, merge: int) -> tuple[torch.Tensor, tor
     return rows.reshape(-1), cols.reshape(-1)
 
 
-def interpolation_taps(
-    h: int, w: int, side: int, merge: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def interpolation_taps(h: int, w: int, side: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear (align_corners=True) taps into the flat `side × side` position table, merge order.
 
     Same arithmetic, in float32, as HF's `get_vision_interpolation_indices_and_weights` (5.x), which
@@ -139,7 +137,11 @@ def _host_constants(visual: nn.Module, grid: tuple[int, int, int]) -> dict:
     cfg = visual.config
     t, h, w = grid
     if t != 1:
-        raise RecipeError(f"the Qwen3-VL vision graph is built for one image (t = 1), got grid {grid}")
+        raise RecipeError(
+            f"the Qwen3-VL vision graph is built for one image (t = 1), got grid {grid}",
+            where="vision stage",
+            fix="export images only; video (t > 1) is not supported by the fixed-size vision graph",
+        )
     if (visual.interpolation_mode, visual.interpolation_align_corners) != ("bilinear", True):
         raise ExportError(
             f"Qwen3-VL position-embedding interpolation is {visual.interpolation_mode!r} "
@@ -154,7 +156,7 @@ def _host_constants(visual: nn.Module, grid: tuple[int, int, int]) -> dict:
     cos, sin = visual.rotary_pos_emb(weight, torch.stack([rows, cols], dim=-1))
     return {
         "interp_indices": indices,
-        "interp_weights": weights.to(weight.dtype),
+        "interp_weights": weights,  # float32 like HF's, so the weighted sum promotes as in the stock path
         "cos": cos.to(weight.dtype),  # [N, head_dim]
         "sin": sin.to(weight.dtype),
     }

@@ -1,0 +1,167 @@
+"""The decoder's KV cache, run through onnxruntime IOBinding so decode steps neither reallocate nor copy
+the cache on the host.
+
+The exported decoder concatenates ``past_key_values.{i}`` with the new keys/values inside the graph and
+returns ``present.{i}`` of length past + new, so a present is necessarily a new tensor each step (the
+in-graph Concat reads the whole past once per step; only a fused, shared-buffer attention kernel
+would avoid that). What the host can avoid, and `Engine.decode` (plain `session.run` with numpy) does
+not, is (a) copying every present into a fresh numpy array and back in as the next past, and
+(b) allocating new buffers for them every step. Modes:
+
+* ``preallocated`` (default): two flat buffers per artifact set ("ping" and "pong"), each holding every
+  layer's key and value at the capacity the generation needs (prompt + max_new_tokens). Step n reads
+  its past from one buffer and ORT writes the presents straight into the other (outputs bound to a
+  device pointer, shape ``[B, H_kv, past + new, D]`` from the start of each layer's segment, which is
+  contiguous); the next step swaps them. Logits go into one reused host buffer.
+* ``ortvalue``: outputs bound to ORT-allocated OrtValues that are fed back as the next step's past
+  without ever becoming numpy arrays (no host copy, but the arena hands out new blocks each step).
+* ``numpy``: `session.run` with numpy in and out, what the validators' `Engine.decode` does; kept as the
+  baseline the benchmark compares against.
+
+All three produce identical logits (the graph and its inputs are the same).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from vlmforge.errors import InputError
+
+MODES = ("preallocated", "ortvalue", "numpy")
+
+
+def device_of(providers: list[str] | None) -> str:
+    """The OrtValue device name for a provider list (where KV buffers live)."""
+    first = (providers or ["CPUExecutionProvider"])[0]
+    first = first[0] if isinstance(first, (tuple, list)) else first
+    return {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}.get(first, "cpu")
+
+
+class BoundDecoder:
+    """One generation's decoder state: KV cache, past length, bound I/O.
+
+    `run(...)` takes one chunk (prefill) or one token per row (decode) and returns the logits
+    ``[B, S, V]`` as a numpy array that is only valid until the next `run` (it is a reused buffer).
+    """
+
+    def __init__(self, graph, layout, *, batch: int, capacity: int, mode: str = "preallocated", device: str = "cpu"):
+        if mode not in MODES:
+            raise InputError(f"unknown KV cache mode {mode!r}", where="vlmforge.runtime.kv.BoundDecoder",
+                             fix=f"use one of {', '.join(MODES)}")
+        self.graph = graph
+        self.session: ort.InferenceSession = graph.session
+        self.layout = layout
+        self.batch = int(batch)
+        self.capacity = int(capacity)
+        self.mode = mode
+        self.device = device
+        self.past_len = 0
+        self.kv_dtype = np.dtype(graph.input_types["past_key_values.0.key"])
+        logits_out = {o.name: o for o in self.session.get_outputs()}["logits"]
+        self.logits_dtype = np.dtype(np.float16 if logits_out.type == "tensor(float16)" else np.float32)
+        self.vocab = logits_out.shape[-1]
+        if not isinstance(self.vocab, int):
+            raise InputError(f"decoder logits have a symbolic vocabulary dimension {self.vocab!r}",
+                             where=str(graph.path), fix="export the decoder with a static vocabulary size")
+        L, H, D = layout.num_layers, layout.kv_heads, layout.head_dim
+        self._names = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in range(L) for kv in ("key", "value")]
+        self._segment = self.batch * H * self.capacity * D  # elements per layer key (or value)
+        self._io = self.session.io_binding() if mode != "numpy" else None
+        self._logits = np.empty(0, self.logits_dtype)
+        if mode == "preallocated":
+            shape = [2 * L * self._segment]
+            self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device, 0) for _ in range(2)]
+            self._side = 0  # buffer holding the current past
+        elif mode == "ortvalue":
+            self._past_values: list[ort.OrtValue] | None = None
+        else:
+            empty = np.zeros((self.batch, H, 0, D), self.kv_dtype)
+            self._past_arrays = [empty] * (2 * L)
+
+    # -- public -------------------------------------------------------------------------------------
+    def run(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds=None) -> np.ndarray:
+        b, s = inputs_embeds.shape[:2]
+        total = self.past_len + s
+        if b != self.batch or total > self.capacity or attention_mask.shape != (b, total):
+            raise InputError(
+                f"decoder step of shape batch {b} x {s} new tokens with past {self.past_len} does not fit the KV "
+                f"cache (batch {self.batch}, capacity {self.capacity}) or the attention mask {attention_mask.shape}",
+                where="vlmforge.runtime.kv.BoundDecoder.run",
+                fix="create the BoundDecoder with capacity >= prompt length + max_new_tokens",
+            )
+        feeds = self._small_feeds(inputs_embeds, attention_mask, position_ids, deepstack_embeds)
+        if self.mode == "numpy":
+            logits = self._run_numpy(feeds)
+        else:
+            logits = self._run_bound(feeds, b, s, total)
+        self.past_len = total
+        return logits
+
+    def past(self) -> list[np.ndarray]:
+        """The cache as numpy arrays ``[B, H_kv, past, D]`` (copies; for tests and debugging)."""
+        L, H, D = self.layout.num_layers, self.layout.kv_heads, self.layout.head_dim
+        n = self.batch * H * self.past_len * D
+        if self.mode == "numpy":
+            return [a.copy() for a in self._past_arrays]
+        if self.mode == "ortvalue":
+            if self._past_values is None:
+                return [np.zeros((self.batch, H, 0, D), self.kv_dtype) for _ in range(2 * L)]
+            return [v.numpy() for v in self._past_values]
+        flat = self._buffers[self._side].numpy()
+        return [flat[j * self._segment: j * self._segment + n].reshape(self.batch, H, self.past_len, D).copy()
+                for j in range(2 * L)]
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _small_feeds(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds) -> dict[str, np.ndarray]:
+        types = self.graph.input_types
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=types["inputs_embeds"]),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=types["attention_mask"]),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=types["position_ids"]),
+        }
+        if self.layout.deepstack_layers:
+            if deepstack_embeds is None:
+                b, s = inputs_embeds.shape[:2]
+                deepstack_embeds = np.zeros((self.layout.deepstack_layers, b, s, self.layout.hidden), np.float32)
+            feeds["deepstack_embeds"] = np.ascontiguousarray(deepstack_embeds, dtype=types["deepstack_embeds"])
+        return feeds
+
+    def _run_numpy(self, feeds) -> np.ndarray:
+        for (past_name, _), arr in zip(self._names, self._past_arrays):
+            feeds[past_name] = arr
+        names = ["logits"] + [present for _, present in self._names]
+        out = self.session.run(names, feeds)
+        self._past_arrays = out[1:]
+        return out[0]
+
+    def _run_bound(self, feeds, b: int, s: int, total: int) -> np.ndarray:
+        io = self._io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        H, D = self.layout.kv_heads, self.layout.head_dim
+        if self.mode == "preallocated":
+            src, dst = self._buffers[self._side], self._buffers[1 - self._side]
+            step = self._segment * self.kv_dtype.itemsize
+            for j, (past_name, present_name) in enumerate(self._names):
+                io.bind_input(past_name, self.device, 0, self.kv_dtype, [b, H, self.past_len, D], src.data_ptr() + j * step)
+                io.bind_output(present_name, self.device, 0, self.kv_dtype, [b, H, total, D], dst.data_ptr() + j * step)
+        else:
+            for j, (past_name, present_name) in enumerate(self._names):
+                if self._past_values is None:
+                    io.bind_cpu_input(past_name, np.zeros((b, H, 0, D), self.kv_dtype))
+                else:
+                    io.bind_ortvalue_input(past_name, self._past_values[j])
+                io.bind_output(present_name, self.device)
+        need = b * s * self.vocab
+        if self._logits.size < need:
+            self._logits = np.empty(need, self.logits_dtype)
+        io.bind_output("logits", "cpu", 0, self.logits_dtype, [b, s, self.vocab], self._logits.ctypes.data)
+        self.session.run_with_iobinding(io)
+        if self.mode == "preallocated":
+            self._side = 1 - self._side
+        else:
+            self._past_values = io.get_outputs()[:-1]  # bind order: the presents, then logits
+        return self._logits[:need].reshape(b, s, self.vocab)
