@@ -46,3 +46,13 @@ def build(work_dirs):
 @pytest.fixture(scope="session")
 def qwen25_392(build):
     return build("model=tiny_qwen2_5_vl", "vision=small")
+
+
+@pytest.fixture(scope="session")
+def qwen3_384(build):
+    return build("model=tiny_qwen3_vl", "vision=small")
+
+
+@pytest.fixture(scope="session")
+def qwen3_384_drop(build):
+    return build("model=tiny_qwen3_vl", "vision=small", "model.deepstack=drop")

@@ -11,6 +11,7 @@ import jsonschema
 import onnx
 import pytest
 
+from vlmforge.source import fixture_dir
 from vlmforge.manifest import read_manifest, schema, verify_dir
 
 REPO_SCRIPTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"
@@ -89,7 +90,7 @@ def test_build_log_keeps_timings_out_of_the_manifest(qwen25_392):
 
 
 def test_independent_script_reproduces_hf_generate(qwen25_392, work_dirs):
-    ckpt = work_dirs["cache"] / "fixtures" / "tiny-qwen2_5_vl"
+    ckpt = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     run = subprocess.run(
         [sys.executable, str(REPO_SCRIPTS / "independent_check.py"), str(qwen25_392.directory),
          "--checkpoint", str(ckpt), "--tokens", "32"],

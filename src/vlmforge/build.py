@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vlmforge import __version__
 from vlmforge.config import BuildConfig, resolve_image_size, to_dict
-from vlmforge.errors import ValidationFailed
+from vlmforge.errors import RecipeError, ValidationFailed
 from vlmforge.manifest import hash_files, toolchain, write_manifest
 from vlmforge.registry import STAGES, get_family
 from vlmforge.runtime.genai_config import write_runtime_configs
@@ -46,13 +46,17 @@ class BuildReport:
 
 
 def artifact_dir(cfg: BuildConfig, image_size: int) -> Path:
-    name = cfg.name or f"{cfg.precision.name}-{image_size}"
+    suffix = "-nodeepstack" if cfg.model.deepstack == "drop" else ""
+    name = cfg.name or f"{cfg.precision.name}-{image_size}{suffix}"
     return Path(cfg.out_dir) / cfg.model.name / name
 
 
 def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildReport:
     family = get_family(cfg.model.family, where=f"{recipe}: model.family")
     image_size = resolve_image_size(cfg.vision.size, family, f"{recipe}: vision.size")
+    if cfg.model.deepstack == "drop" and family.deepstack_off is None:
+        raise RecipeError(f"model.deepstack=drop: {family.display_name} has no DeepStack", where=recipe,
+                          fix="leave model.deepstack=keep (drop applies to Qwen3-VL)")
     final = artifact_dir(cfg, image_size)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -80,9 +84,10 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
         params = image_params(source.path, model.config, image_size)
         write_runtime_configs(staging, family.key, model.config, contracts, params, deepstack)
         checks: list[CheckResult] = []
+        variant: dict = {}
         if cfg.validate.enabled:
             t = time.perf_counter()
-            checks = _validate(cfg, family.key, staging, contracts, params, deepstack, model, source.path)
+            checks, variant = _validate(cfg, family, staging, contracts, params, deepstack, model, source.path)
             timings["validate"] = time.perf_counter() - t
         passed = all(c.passed for c in checks)
         if not passed:
@@ -94,6 +99,8 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
                 fix="inspect the failing stage; tolerances live in recipes/validate/*.yaml (never loosen them to pass)",
             )
         manifest = _manifest(cfg, family.key, source, contracts, params, checks, staging)
+        if variant:
+            manifest["variant"] = variant
         write_manifest(staging, manifest)
         _publish(staging, final)
     except BaseException:
@@ -105,12 +112,15 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
     return BuildReport(final, True, checks, timings)
 
 
-def _validate(cfg, family_key, staging, contracts, params, deepstack, model, source_path) -> list[CheckResult]:
+def _validate(cfg, family, staging, contracts, params, deepstack, model, source_path):
     from vlmforge.validators.suite import SuiteInputs, run_suite
 
     precisions = {s: getattr(cfg.precision, s) for s in STAGES}
-    inp = SuiteInputs(family_key, staging, contracts, precisions, params, deepstack, tuple(cfg.target.providers))
-    return run_suite(inp, model, source_path, cfg.validate, validation_images(cfg.validate))
+    dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
+    inp = SuiteInputs(family.key, staging, contracts, precisions, params, deepstack, tuple(cfg.target.providers),
+                      deepstack_off=family.deepstack_off if dropped else None)
+    result = run_suite(inp, model, source_path, cfg.validate, validation_images(cfg.validate))
+    return result.checks, result.variant
 
 
 def validation_images(vcfg) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,12 +29,16 @@ def compose(overrides: list[str], recipes: Path):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from vlmforge.config import from_omegaconf
+    from vlmforge.config import from_omegaconf, register_schema, unknown_key_error
 
+    register_schema()
     try:
         with initialize_config_dir(config_dir=str(recipes), version_base=None):
             cfg = hydra_compose(config_name="build", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
+        missing = re.search(r"Could not override '([^']+)'", str(exc))
+        if missing:
+            raise unknown_key_error(missing.group(1), f"{recipes}/build.yaml with overrides {list(overrides)}") from exc
         raise RecipeError(
             f"recipe does not compose: {' '.join(str(exc).split())[:600]}",
             where=f"{recipes}/build.yaml with overrides {list(overrides)}",

@@ -81,13 +81,32 @@ class BuildConfig:
     name: Optional[str] = None  # artifact dir name under out_dir/<model.name>/; default <precision>-<size>
 
 
-def _schema_error(exc: Exception, recipe: str) -> RecipeError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
+def register_schema() -> None:
+    """Make the dataclass schema the base of recipes/build.yaml (its defaults list names `build_schema`),
+    so every schema key can be overridden on the command line and unknown keys fail at composition."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="build_schema", node=BuildConfig)
+
+
+def valid_keys(parent: str) -> list[str]:
     node = BuildConfig()
     for part in filter(None, parent.split(".")):
         node = getattr(node, part, None)
-    valid = sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+
+
+def unknown_key_error(key: str, recipe: str) -> RecipeError:
+    parent = key.lstrip("+~").rsplit(".", 1)[0] if "." in key else ""
+    keys = valid_keys(parent)
+    return RecipeError(f"recipe key {key!r} does not exist", where=recipe,
+                       fix=f"valid keys{' under ' + parent if parent else ''}: {keys}")
+
+
+def _schema_error(exc: Exception, recipe: str) -> RecipeError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
+    valid = valid_keys(parent)
     msg = str(exc).splitlines()[0]
     return RecipeError(
         f"recipe key {key!r} is not valid: {msg}",
@@ -103,7 +122,10 @@ def from_omegaconf(cfg: Any, recipe: str = "recipes/build.yaml") -> BuildConfig:
 
     try:
         schema = OmegaConf.structured(BuildConfig)
-        merged = OmegaConf.merge(schema, cfg)
+        # Plain container first: Hydra's `+key=value` lifts struct mode, and a typed node would then carry an
+        # unknown key through the merge silently.
+        plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
+        merged = OmegaConf.merge(schema, plain)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise RecipeError(

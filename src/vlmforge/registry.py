@@ -43,6 +43,8 @@ class FamilySpec:
     fixture_name: str
     stages: dict[str, StageSpec] = field(default_factory=dict)
     genai_type: str = ""
+    # hf_model -> context manager running the HF model without DeepStack (families that have it)
+    deepstack_off: Callable[[Any], Any] | None = None
 
     def stage(self, name: str) -> StageSpec:
         if name not in self.stages:

@@ -48,9 +48,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def fixture_fingerprint(family_key: str) -> str:
+    """Hash of the code that writes a family's embedded fixture: a changed fixture never reuses a stale cache."""
+    import vlmforge.fixtures as fx
+
+    root = Path(fx.__file__).parent
+    files = [root / "tokens.py", root / "tokenizer.py", root / "checkpoint.py",
+             root.parent / "families" / family_key / "fixture.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def fixture_dir(cache_root: Path, family_key: str) -> Path:
     family = get_family(family_key)
-    return Path(cache_root) / "fixtures" / family.fixture_name
+    return Path(cache_root) / "fixtures" / f"{family.fixture_name}-{fixture_fingerprint(family_key)}"
 
 
 def resolve_checkpoint(checkpoint: str, revision: str | None, cache_root: Path, where: str) -> Path:

@@ -146,11 +146,12 @@ def prefill(
     rows = [np.asarray(p.input_ids, np.int64).reshape(-1) for p in prompts]
     input_ids, mask = left_pad(rows, pad_id)
     stats.batch, stats.prompt_tokens = len(rows), int(mask.sum())
-    t = time.perf_counter()
     images = [img for p in prompts for img in p.images]
+    t = time.perf_counter()
     features, deepstack, grids = encode_images(engine, images)
     stats.images = len(images)
-    stats.vision_s += time.perf_counter() - t
+    if images:
+        stats.vision_s += time.perf_counter() - t
     t = time.perf_counter()
     embeds, deep_embeds = engine.embed(input_ids, features, deepstack)
     positions, deltas = mrope.rope_index(

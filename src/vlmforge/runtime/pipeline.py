@@ -283,7 +283,8 @@ class Pipeline:
         return Chat(self, system)
 
     # -- internals ----------------------------------------------------------------------------------
-    def _load_images(self, images: Sequence, where: str) -> list:
+    def load_images(self, images: Sequence, where: str = "images") -> list:
+        """Open image paths (PIL images pass through); InputError for anything unreadable."""
         from PIL import Image
 
         out = []
@@ -300,7 +301,7 @@ class Pipeline:
     def _prepare(self, messages: list[dict], images: Sequence, params: SamplingParams, where: str) -> _Prepared:
         """Everything that can fail on user input, before any session runs."""
         params.check(where)
-        loaded = self._load_images(images, where)
+        loaded = self.load_images(images, where)
         n_img = len(loaded)
         if self.context_length and n_img * self.tokens_per_image >= self.context_length:
             raise InputError(
@@ -425,7 +426,7 @@ class Chat:
         pipe = self.pipeline
         params = _params(kwargs, "Chat.stream")
         start = time.perf_counter()
-        loaded = pipe._load_images(list(images or ()), "Chat.stream")
+        loaded = pipe.load_images(list(images or ()), "Chat.stream")
         messages = self.messages + [_user(text, len(loaded))]
         prepared = pipe._prepare(messages, self.images + loaded, params, "Chat.stream")
         return self._turn(messages, loaded, pipe._stream(prepared, params, start))
