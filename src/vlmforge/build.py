@@ -54,6 +54,7 @@ def artifact_dir(cfg: BuildConfig, image_size: int) -> Path:
 def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildReport:
     family = get_family(cfg.model.family, where=f"{recipe}: model.family")
     image_size = resolve_image_size(cfg.vision.size, family, f"{recipe}: vision.size")
+    check_target(cfg, recipe)
     if cfg.model.deepstack == "drop" and family.deepstack_off is None:
         raise RecipeError(f"model.deepstack=drop: {family.display_name} has no DeepStack", where=recipe,
                           fix="leave model.deepstack=keep (drop applies to Qwen3-VL)")
@@ -71,15 +72,29 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
 
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    fp32_dir = final.parent / f".{final.name}.fp32-{os.getpid()}"  # FP32 graphs behind transformed ones
+    for d in (staging, fp32_dir):
+        if d.exists():
+            shutil.rmtree(d)
     staging.mkdir()
+    transformed = any(getattr(cfg.precision, s) != "fp32" for s in STAGES)
     try:
+        transforms: dict[str, dict] = {}
         for stage in STAGES:
             t = time.perf_counter()
             log.info("[%s] exporting %s", final, stage)
-            family.stage(stage).export(model, options, staging / f"{stage}.onnx")
+            precision = getattr(cfg.precision, stage)
+            target_dir = fp32_dir if precision != "fp32" else staging
+            target_dir.mkdir(exist_ok=True)
+            family.stage(stage).export(model, options, target_dir / f"{stage}.onnx")
             timings[f"export.{stage}"] = time.perf_counter() - t
+            if precision != "fp32":
+                t = time.perf_counter()
+                log.info("[%s] transforming %s to %s", final, stage, precision)
+                transforms[stage] = apply_precision(stage, precision, cfg.precision, fp32_dir, staging,
+                                                    model.config.text_config.vocab_size)
+                contracts[stage] = precision_contract(contracts[stage], precision, cfg.precision)
+                timings[f"transform.{stage}"] = time.perf_counter() - t
         _copy_runtime_files(source.path, staging)
         params = image_params(source.path, model.config, image_size)
         write_runtime_configs(staging, family.key, model.config, contracts, params, deepstack)
@@ -87,7 +102,8 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
         variant: dict = {}
         if cfg.validate.enabled:
             t = time.perf_counter()
-            checks, variant = _validate(cfg, family, staging, contracts, params, deepstack, model, source.path)
+            checks, variant = _validate(cfg, family, staging, contracts, params, deepstack, model, source.path,
+                                        fp32_dir if transformed else None)
             timings["validate"] = time.perf_counter() - t
         passed = all(c.passed for c in checks)
         if not passed:
@@ -99,6 +115,8 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
                 fix="inspect the failing stage; tolerances live in recipes/validate/*.yaml (never loosen them to pass)",
             )
         manifest = _manifest(cfg, family.key, source, contracts, params, checks, staging)
+        for stage, record in transforms.items():
+            manifest["components"][stage]["transform"] = record
         if variant:
             manifest["variant"] = variant
         write_manifest(staging, manifest)
@@ -107,20 +125,70 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildRepo
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(fp32_dir, ignore_errors=True)
     timings["total"] = time.perf_counter() - t0
     _write_build_log(final, timings)
     return BuildReport(final, True, checks, timings)
 
 
-def _validate(cfg, family, staging, contracts, params, deepstack, model, source_path):
+def _validate(cfg, family, staging, contracts, params, deepstack, model, source_path, fp32_dir):
     from vlmforge.validators.suite import SuiteInputs, run_suite
 
     precisions = {s: getattr(cfg.precision, s) for s in STAGES}
     dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
     inp = SuiteInputs(family.key, staging, contracts, precisions, params, deepstack, tuple(cfg.target.providers),
-                      deepstack_off=family.deepstack_off if dropped else None)
+                      deepstack_off=family.deepstack_off if dropped else None, fp32_directory=fp32_dir)
     result = run_suite(inp, model, source_path, cfg.validate, validation_images(cfg.validate))
     return result.checks, result.variant
+
+
+def check_target(cfg: BuildConfig, recipe: str) -> None:
+    """The target must be able to run what the recipe asks for, before any work starts."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in cfg.target.providers if p not in available and p != "CPUExecutionProvider"]
+    if missing and not cfg.target.allow_fallback:
+        raise RecipeError(
+            f"target {cfg.target.name!r} needs {missing}, which this onnxruntime ({ort.__version__}) does not have "
+            f"(available: {available})", where=f"{recipe}: target",
+            fix="install the matching onnxruntime package (e.g. onnxruntime-gpu) or choose target=cpu")
+    for stage in STAGES:
+        p = getattr(cfg.precision, stage)
+        if p not in cfg.target.precisions:
+            raise RecipeError(
+                f"precision.{stage}={p} cannot run on target {cfg.target.name!r}",
+                where=f"{recipe}: precision.{stage}",
+                fix=f"target {cfg.target.name} runs {list(cfg.target.precisions)}; pick one of those or another target")
+    if "int4" in {getattr(cfg.precision, s) for s in STAGES}:
+        from vlmforge.transforms.quantize_int4 import check_int4_config
+
+        check_int4_config(cfg.precision.int4, f"{recipe}: precision.int4")
+
+
+def apply_precision(stage: str, precision: str, pcfg, src_dir: Path, dst_dir: Path, vocab: int) -> dict:
+    src, dst = src_dir / f"{stage}.onnx", dst_dir / f"{stage}.onnx"
+    if precision == "fp16":
+        from vlmforge.transforms.cast_fp16 import cast_fp16
+
+        record = cast_fp16(src, dst, fp16_io=pcfg.fp16_io)
+    else:
+        from vlmforge.transforms.quantize_int4 import quantize_int4
+
+        record = quantize_int4(src, dst, pcfg.int4, vocab=vocab if stage == "decoder" else None, stage=stage)
+    fp32_bytes = _graph_bytes(src)
+    record.update(fp32_bytes=fp32_bytes, bytes=_graph_bytes(dst), size_ratio=round(_graph_bytes(dst) / fp32_bytes, 4))
+    return record
+
+
+def _graph_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def precision_contract(contract, precision: str, pcfg):
+    return contract.with_float_dtype("float16") if precision == "fp16" and pcfg.fp16_io else contract
 
 
 def validation_images(vcfg) -> list:

@@ -55,6 +55,8 @@ class TargetConfig:
     name: str = "cpu"
     providers: list = field(default_factory=lambda: ["CPUExecutionProvider"])
     export_device: str = "cpu"
+    precisions: list = field(default_factory=lambda: ["fp32", "fp16", "int4"])  # what this target can run
+    allow_fallback: bool = False  # build even if a listed provider is missing (runs on the next one)
 
 
 @dataclass

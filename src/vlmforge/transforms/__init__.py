@@ -1,0 +1,1 @@
+"""ONNX -> ONNX precision transforms with declared parameters; each returns a JSON record of what it did."""

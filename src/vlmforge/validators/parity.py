@@ -8,13 +8,8 @@ import numpy as np
 from vlmforge.runtime import mrope
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators.reference import Reference
-from vlmforge.validators.results import CheckResult, at_most
-
-
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+from vlmforge.validators.metrics import compare
+from vlmforge.validators.results import CheckResult
 
 
 def check_preprocess(ref: Reference, images, tol: dict) -> list[CheckResult]:
@@ -23,8 +18,8 @@ def check_preprocess(ref: Reference, images, tol: dict) -> list[CheckResult]:
     for i, img in enumerate(images):
         ours, grid = ref.params.patches(img)
         hf, hf_grid = ref.hf_pixels(img)
-        diff = _max_abs(ours, hf.numpy()) if list(grid[0]) == hf_grid[0].tolist() else float("inf")
-        out.append(at_most("preprocess", f"pixel_values image {i}", "max_abs", diff, tol["max_abs"]))
+        same_grid = list(grid[0]) == hf_grid[0].tolist()
+        out += compare("preprocess", f"pixel_values image {i}", ours if same_grid else ours[:0], hf.numpy(), tol)
     return out
 
 
@@ -34,9 +29,9 @@ def check_vision(engine: Engine, ref: Reference, images, tol: dict, deepstack: b
         pv, grid = ref.hf_pixels(img)
         feats, ds = engine.encode_image(pv.numpy(), grid.numpy())
         want, want_ds = ref.vision(pv, grid)
-        out.append(at_most("vision", f"image_features image {i}", "max_abs", _max_abs(feats, want), tol["max_abs"]))
+        out += compare("vision", f"image_features image {i}", feats, want, tol)
         if deepstack:
-            out.append(at_most("vision", f"deepstack_features image {i}", "max_abs", _max_abs(ds, want_ds), tol["max_abs"]))
+            out += compare("vision", f"deepstack_features image {i}", ds, want_ds, tol)
     return out
 
 
@@ -61,14 +56,13 @@ def check_embedding(engine: Engine, ref: Reference, image, tol: dict, deepstack:
     ids, _ = _batch(ref, [ref.prompt_ids("Describe the picture.", 1), ref.prompt_ids("Hello there.", 0)], pad)
     got, got_ds = engine.embed(ids, feats, ds if deepstack else None)
     want = ref.inject(ref.text_embeds(ids), ids, feats)
-    out.append(at_most("embedding", "batch 2, N>0", "max_abs", _max_abs(got, want), tol["max_abs"]))
+    out += compare("embedding", "batch 2, N>0", got, want, tol)
     if deepstack:
-        out.append(at_most("embedding", "deepstack_embeds batch 2, N>0", "max_abs",
-                           _max_abs(got_ds, ref.deepstack_dense(ids, ds)), tol["max_abs"]))
+        out += compare("embedding", "deepstack_embeds batch 2, N>0", got_ds, ref.deepstack_dense(ids, ds), tol)
     # N = 0: decode-step shape, batch of 2.
     ids0 = np.array([[5, 17, 42], [99, 3, 250]], np.int64)
     got0, _ = engine.embed(ids0, None, None)
-    out.append(at_most("embedding", "batch 2, N=0", "max_abs", _max_abs(got0, ref.text_embeds(ids0)), tol["max_abs"]))
+    out += compare("embedding", "batch 2, N=0", got0, ref.text_embeds(ids0), tol)
     return out
 
 
@@ -89,9 +83,8 @@ def check_decoder(engine: Engine, ref: Reference, image, tol: dict, deepstack: b
     logits, past = engine.decode(embeds, mask, positions, engine.empty_past(2), dense)
     want = ref.logits(ids, mask, pv, grid)
     attended = mask.astype(bool)
-    out = [at_most("decoder", "prefill batch 2 left-padded, empty past", "logits max_abs",
-                   _max_abs(logits[attended], want[attended]), tol["logits_max_abs"])]
-    worst = 0.0
+    out = compare("decoder", "prefill batch 2 left-padded, empty past", logits[attended], want[attended], tol, logits=True)
+    got_steps, want_steps = [], []
     for _ in range(steps):
         nxt = want[:, -1].argmax(-1).reshape(2, 1).astype(np.int64)
         ids = np.concatenate([ids, nxt], 1)
@@ -99,6 +92,7 @@ def check_decoder(engine: Engine, ref: Reference, image, tol: dict, deepstack: b
         pos = mrope.decode_position_ids(deltas, attention_mask=mask, new_tokens=1)
         step_logits, past = engine.decode(ref.text_embeds(nxt), mask, pos, past, None)
         want = ref.logits(ids, mask, pv, grid)
-        worst = max(worst, _max_abs(step_logits[:, -1], want[:, -1]))
-    out.append(at_most("decoder", f"{steps} decode steps with past", "logits max_abs", worst, tol["logits_max_abs"]))
+        got_steps.append(step_logits[:, -1])
+        want_steps.append(want[:, -1])
+    out += compare("decoder", f"{steps} decode steps with past", np.stack(got_steps), np.stack(want_steps), tol, logits=True)
     return out

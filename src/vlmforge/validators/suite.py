@@ -32,6 +32,7 @@ class SuiteInputs:
     deepstack: bool
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     deepstack_off: Callable[[Any], Any] | None = None  # set for a `deepstack: drop` variant
+    fp32_directory: Path | None = None  # the FP32 graphs behind transformed ones (checks vs FP32 ONNX)
 
 
 @dataclass
@@ -51,11 +52,16 @@ def tolerance(tolerances: dict, stage: str, precision: str) -> dict:
         ) from None
 
 
-def engine_for(directory: Path, contracts: dict[str, StageContract], providers=None) -> Engine:
+def engine_for(directory: Path, contracts: dict[str, StageContract], providers=None, fallback: Path | None = None) -> Engine:
+    """Engine over `directory`; a stage missing there is taken from `fallback` (FP32 stages of a mixed build)."""
     meta = contracts["decoder"].meta
     layout = KVLayout(meta["num_layers"], meta["kv_heads"], meta["head_dim"], meta.get("deepstack_layers", 0), meta["hidden"])
-    return Engine(directory / "vision.onnx", directory / "embedding.onnx", directory / "decoder.onnx", layout,
-                  list(providers) if providers else None)
+
+    def path(stage: str) -> Path:
+        p = directory / f"{stage}.onnx"
+        return p if p.exists() or fallback is None else fallback / f"{stage}.onnx"
+
+    return Engine(path("vision"), path("embedding"), path("decoder"), layout, list(providers) if providers else None)
 
 
 def run_suite(inp: SuiteInputs, hf_model, source_path: Path, vcfg, images) -> SuiteResult:
@@ -71,6 +77,8 @@ def run_suite(inp: SuiteInputs, hf_model, source_path: Path, vcfg, images) -> Su
     scope = inp.deepstack_off(hf_model) if inp.deepstack_off else contextlib.nullcontext()
     with scope:
         results += _parity_and_chain(inp, engine, ref, vcfg, images)
+    if inp.fp32_directory is not None:
+        results += _versus_fp32_onnx(inp, engine, ref, vcfg, images)
     variant = _deepstack_drop_deviation(engine, ref, vcfg, images) if inp.deepstack_off else {}
     return SuiteResult(results, variant)
 
@@ -88,6 +96,44 @@ def _parity_and_chain(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, im
     cases = [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
     results += chain.check_chain(engine, ref, cases, vcfg.chain_tokens, tolerance(vcfg.tolerances, "chain", worst))
     return results
+
+
+def _versus_fp32_onnx(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, images) -> list[CheckResult]:
+    """Each transformed graph against the FP32 ONNX graph it came from, on the same real inputs."""
+    from vlmforge.validators.metrics import compare
+
+    base = engine_for(inp.fp32_directory, _fp32_contracts(inp.contracts), inp.providers, fallback=inp.directory)
+    out: list[CheckResult] = []
+    img = images[0]
+    pv, grid = ref.hf_pixels(img)
+    if inp.precisions["vision"] != "fp32":
+        got, _ = engine.encode_image(pv.numpy(), grid.numpy())
+        want, _ = base.encode_image(pv.numpy(), grid.numpy())
+        out += compare("vision", "image_features vs FP32 ONNX", got, want,
+                       tolerance(vcfg.tolerances, "vision", inp.precisions["vision"]))
+    feats, ds = base.encode_image(pv.numpy(), grid.numpy())
+    ids = np.asarray([ref.prompt_ids(vcfg.prompt, 1)], np.int64)
+    if inp.precisions["embedding"] != "fp32":
+        got, _ = engine.embed(ids, feats, ds)
+        want, _ = base.embed(ids, feats, ds)
+        out += compare("embedding", "inputs_embeds vs FP32 ONNX", got, want,
+                       tolerance(vcfg.tolerances, "embedding", inp.precisions["embedding"]))
+    if inp.precisions["decoder"] != "fp32":
+        emb, deep = base.embed(ids, feats, ds)
+        from vlmforge.runtime import mrope
+
+        pos, _ = mrope.rope_index(ids, None, grid.numpy(), image_token_id=ref.config.image_token_id,
+                                  vision_start_token_id=ref.config.vision_start_token_id,
+                                  spatial_merge_size=ref.params.merge_size, family=inp.family_key)
+        got, _ = engine.decode(emb, np.ones_like(ids), pos, engine.empty_past(1), deep)
+        want, _ = base.decode(emb, np.ones_like(ids), pos, base.empty_past(1), deep)
+        out += compare("decoder", "prefill logits vs FP32 ONNX", got, want,
+                       tolerance(vcfg.tolerances, "decoder", inp.precisions["decoder"]), logits=True)
+    return out
+
+
+def _fp32_contracts(contracts: dict[str, StageContract]) -> dict[str, StageContract]:
+    return {k: c.with_float_dtype("float32") for k, c in contracts.items()}
 
 
 def _deepstack_drop_deviation(engine: Engine, ref: Reference, vcfg, images) -> dict:

@@ -1,0 +1,91 @@
+"""INT4 weight-only quantization (MatMulNBits; GatherBlockQuantized for the embedding table).
+
+Parameters are declared in the recipe (precision.int4.*) and checked before any work starts. Weights whose
+input dimension is not a multiple of the block size are left in float and listed in the record, never
+handed to the quantizer (which otherwise pads or crashes inside the library).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from vlmforge.errors import RecipeError
+from vlmforge.exporters.onnx_export import save_model
+from vlmforge.transforms.graph import initializer_shapes, weight_matmuls
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("default", "hqq")
+BLOCK_SIZES = (32, 64, 128)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def check_int4_config(cfg, where: str) -> None:
+    """Reject what the quantizer cannot do, naming the recipe key and the valid choices."""
+    if cfg.algorithm not in ALGORITHMS:
+        raise RecipeError(f"precision.int4.algorithm={cfg.algorithm!r} is not a supported algorithm", where=where,
+                          fix=f"use one of {list(ALGORITHMS)} (GPTQ/AWQ need calibration data and are not wired)")
+    if cfg.block_size not in BLOCK_SIZES:
+        raise RecipeError(f"precision.int4.block_size={cfg.block_size} cannot be used by MatMulNBits here", where=where,
+                          fix=f"use one of {list(BLOCK_SIZES)}")
+    if cfg.accuracy_level not in ACCURACY_LEVELS:
+        raise RecipeError(f"precision.int4.accuracy_level={cfg.accuracy_level}", where=where,
+                          fix=f"use one of {list(ACCURACY_LEVELS)} (4 = int8 compute, fastest on CPU)")
+    if cfg.algorithm == "hqq" and cfg.symmetric:
+        raise RecipeError("precision.int4.algorithm=hqq is asymmetric by construction", where=where,
+                          fix="set precision.int4.symmetric=false with hqq")
+
+
+def _lm_head(model: onnx.ModelProto, vocab: int | None) -> set[str]:
+    return {n.name for n, (k, nn) in weight_matmuls(model) if vocab is not None and nn == vocab}
+
+
+def quantize_int4(src: Path, dst: Path, cfg, *, vocab: int | None = None, stage: str = "decoder") -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(src), load_external_data=True)
+    candidates = weight_matmuls(model)
+    lm_head = _lm_head(model, vocab)
+    excluded = {n.name: "lm_head kept float (precision.int4.quantize_lm_head=false)" for n, _ in candidates
+                if n.name in lm_head and not cfg.quantize_lm_head}
+    for n, (k, _) in candidates:
+        if k % cfg.block_size and n.name not in excluded:
+            excluded[n.name] = f"input dim {k} is not a multiple of block size {cfg.block_size}"
+    op_types = ("MatMul", "Gather") if cfg.quantize_embedding else ("MatMul",)
+    if cfg.algorithm == "hqq":
+        algo = HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4, op_types_to_quantize=op_types)
+    else:
+        algo = DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=cfg.symmetric,
+                                            accuracy_level=cfg.accuracy_level, op_types_to_quantize=op_types)
+    quant = MatMulNBitsQuantizer(model, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
+                                 accuracy_level=cfg.accuracy_level, nodes_to_exclude=sorted(excluded),
+                                 algo_config=algo)
+    quant.process()
+    out = quant.model.model
+    if cfg.algorithm == "hqq" or cfg.accuracy_level:
+        for node in out.graph.node:  # HQQ's config has no accuracy_level; set the declared one on every node
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", cfg.accuracy_level))
+    save_model(out, Path(dst))
+    quantized = sorted(n.name for n in out.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    gathers = [n.name for n in out.graph.node if n.op_type == "GatherBlockQuantized"]
+    return {
+        "transform": "quantize_int4",
+        "stage": stage,
+        "algorithm": cfg.algorithm,
+        "block_size": cfg.block_size,
+        "symmetric": cfg.symmetric if cfg.algorithm == "default" else False,
+        "accuracy_level": cfg.accuracy_level,
+        "quantize_lm_head": cfg.quantize_lm_head,
+        "quantize_embedding": cfg.quantize_embedding,
+        "quantized_nodes": len(quantized),
+        "embedding_tables_quantized": len(gathers),
+        "kept_float": dict(sorted(excluded.items())),
+    }
