@@ -68,6 +68,7 @@ class ValidateConfig:
     text_prompt: str = "Write a short poem about the sea."
     image_seeds: list = field(default_factory=lambda: [1, 2])
     images: list = field(default_factory=list)  # optional user image paths used instead of built-in ones
+    task_questions: int = 0  # > 0 on trained fixtures: held-out task accuracy, ONNX vs PyTorch FP32
     tolerances: dict = field(default_factory=dict)
 
 

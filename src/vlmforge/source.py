@@ -19,6 +19,7 @@ from vlmforge.registry import FamilySpec, family_for_architecture, get_family
 log = logging.getLogger(__name__)
 
 FIXTURE_PREFIX = "fixture:"
+TRAINED_SUFFIX = "-trained"  # fixture:<family>-trained: the tiny model trained on the synthetic VQA task
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -48,33 +49,44 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fixture_fingerprint(family_key: str) -> str:
-    """Hash of the code that writes a family's embedded fixture: a changed fixture never reuses a stale cache."""
+def fixture_fingerprint(family_key: str, trained: bool = False) -> str:
+    """Hash of the code (and shipped weights) that write a family's embedded fixture: a changed fixture
+    never reuses a stale cache."""
     import vlmforge.fixtures as fx
 
     root = Path(fx.__file__).parent
     files = [root / "tokens.py", root / "tokenizer.py", root / "checkpoint.py",
              root.parent / "families" / family_key / "fixture.py"]
+    if trained:
+        files += [root / "trained.py", root / "trained" / "SHA256SUMS"]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
 
 
-def fixture_dir(cache_root: Path, family_key: str) -> Path:
+def fixture_dir(cache_root: Path, family_key: str, trained: bool = False) -> Path:
     family = get_family(family_key)
-    return Path(cache_root) / "fixtures" / f"{family.fixture_name}-{fixture_fingerprint(family_key)}"
+    name = family.fixture_name.replace("tiny-", "trained-") if trained else family.fixture_name
+    return Path(cache_root) / "fixtures" / f"{name}-{fixture_fingerprint(family_key, trained)}"
 
 
 def resolve_checkpoint(checkpoint: str, revision: str | None, cache_root: Path, where: str) -> Path:
     """Turn the recipe's `model.checkpoint` into a local folder."""
     if checkpoint.startswith(FIXTURE_PREFIX):
         key = checkpoint[len(FIXTURE_PREFIX):]
-        family = get_family(key, where=where)
-        out = fixture_dir(cache_root, key)
+        trained = key.endswith(TRAINED_SUFFIX)
+        family_key = key[: -len(TRAINED_SUFFIX)] if trained else key
+        family = get_family(family_key, where=where)
+        out = fixture_dir(cache_root, family_key, trained)
         if not (out / "config.json").exists():
-            log.info("writing embedded fixture %s to %s", family.fixture_name, out)
-            family.write_fixture(out)
+            log.info("writing embedded fixture %s to %s", out.name, out)
+            if trained:
+                from vlmforge.fixtures.trained import write_trained_fixture
+
+                write_trained_fixture(family.key, out)
+            else:
+                family.write_fixture(out)
         return out
     path = Path(os.path.expanduser(checkpoint))
     if path.exists():

@@ -11,8 +11,8 @@ import numpy as np
 
 from vlmforge.validators.results import CheckResult, at_least, at_most
 
-UPPER = ("max_abs", "mean_abs")
-LOWER = ("cosine", "mean_cosine", "top1", "top5", "token_match")
+UPPER = ("max_abs", "mean_abs", "accuracy_drop")
+LOWER = ("cosine", "mean_cosine", "top1", "top5", "token_match", "answer_agreement")
 
 
 def metrics(got: np.ndarray, want: np.ndarray, logits: bool = False) -> dict[str, float]:

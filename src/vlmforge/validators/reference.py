@@ -126,14 +126,16 @@ class Reference:
         return emb.float().numpy()
 
     @torch.no_grad()
-    def generate(self, input_ids: np.ndarray, pixel_values, grids, new_tokens: int) -> tuple[list[int], np.ndarray]:
-        """Greedy HF generate with exactly `new_tokens` tokens (EOS suppressed until then, as min_new_tokens)."""
+    def generate(self, input_ids: np.ndarray, pixel_values, grids, new_tokens: int,
+                 stop_at_eos: bool = False) -> tuple[list[int], np.ndarray]:
+        """Greedy HF generate: exactly `new_tokens` tokens (EOS suppressed until then, as min_new_tokens),
+        or with `stop_at_eos` up to `new_tokens`, stopping at EOS."""
         ids = torch.from_numpy(input_ids.astype(np.int64))
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            min_new_tokens=0 if stop_at_eos else new_tokens,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,

@@ -95,6 +95,11 @@ def _parity_and_chain(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, im
     log.info("validating the chain against HF generate (%d tokens)", vcfg.chain_tokens)
     cases = [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
     results += chain.check_chain(engine, ref, cases, vcfg.chain_tokens, tolerance(vcfg.tolerances, "chain", worst))
+    if vcfg.task_questions:
+        from vlmforge.validators.task import check_task
+
+        log.info("validating task accuracy on %d held-out questions", vcfg.task_questions)
+        results += check_task(engine, ref, vcfg.task_questions, tolerance(vcfg.tolerances, "task", worst))
     return results
 
 

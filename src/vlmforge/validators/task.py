@@ -1,0 +1,64 @@
+"""Task accuracy on a trained fixture: the quality gate that random tiny models cannot provide.
+
+Held-out questions (images and questions the fixture never saw in training) are asked through the ONNX
+chain (vlmforge's own preprocessing, positions and loop, greedy) and through PyTorch FP32 (HF generate);
+the gate is the drop in accuracy, in points, of the ONNX artifacts against PyTorch FP32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from vlmforge.runtime.engine import Engine
+from vlmforge.runtime.loop import PromptInputs, generate_tokens, greedy
+from vlmforge.validators.chain import token_ids
+from vlmforge.validators.metrics import gate
+from vlmforge.validators.reference import Reference
+from vlmforge.validators.results import CheckResult
+
+log = logging.getLogger(__name__)
+MAX_ANSWER_TOKENS = 6
+
+
+def onnx_answerer(engine: Engine, ref: Reference):
+    ids = token_ids(ref)
+
+    def answer(image, question: str) -> str:
+        prompt = np.asarray(ref.prompt_ids(question, 1), np.int64)
+        tokens = [t for t, _ in generate_tokens(engine, PromptInputs(prompt, (ref.params.patches(image),)), ids,
+                                                 max_new_tokens=MAX_ANSWER_TOKENS, choose=greedy)]
+        return ref.tokenizer.decode([t for t in tokens if t not in ids.eos], skip_special_tokens=True)
+
+    return answer
+
+
+def torch_answerer(ref: Reference):
+    ids = token_ids(ref)
+
+    def answer(image, question: str) -> str:
+        prompt = np.asarray([ref.prompt_ids(question, 1)], np.int64)
+        pv, grid = ref.hf_pixels(image)
+        tokens, _ = ref.generate(prompt, pv, grid, MAX_ANSWER_TOKENS, stop_at_eos=True)
+        return ref.tokenizer.decode([t for t in tokens if t not in ids.eos], skip_special_tokens=True)
+
+    return answer
+
+
+def check_task(engine: Engine, ref: Reference, n: int, tol: dict) -> list[CheckResult]:
+    from vlmforge.fixtures.task import heldout_examples, normalise_answer
+
+    examples = heldout_examples(n, ref.params.size)
+    ours, theirs = onnx_answerer(engine, ref), torch_answerer(ref)
+    right_o = right_t = same = 0
+    for ex in examples:
+        a, b = normalise_answer(ours(ex.image, ex.question)), normalise_answer(theirs(ex.image, ex.question))
+        right_o += a == ex.answer
+        right_t += b == ex.answer
+        same += a == b
+    acc_o, acc_t = right_o / n, right_t / n
+    values = {"accuracy_drop": acc_t - acc_o, "answer_agreement": same / n}
+    log.info("task: ONNX %.1f%%, PyTorch FP32 %.1f%% on %d held-out questions", 100 * acc_o, 100 * acc_t, n)
+    name = f"held-out accuracy: ONNX {acc_o:.1%} vs PyTorch FP32 {acc_t:.1%} (n={n})"
+    return gate("task", name, values, tol)
