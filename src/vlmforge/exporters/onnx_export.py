@@ -73,7 +73,8 @@ def export_module(
 
 
 def save_model(model: onnx.ModelProto, out_path: Path) -> Path:
-    """Save with weights external under `<file>.data` when large; deterministic file names."""
+    """Save with weights external under `<file>.data` when large; deterministic file names and bytes."""
+    normalize_model(model)  # torch's debug metadata holds absolute paths: same bytes from any checkout
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
     data_path = out_path.with_name(data_name)
@@ -115,3 +116,61 @@ def stamp_contract_dims(model: onnx.ModelProto, contract) -> None:
             else:
                 dim.Clear()
                 dim.dim_param = want
+
+
+# Exporter debug metadata: torch.onnx writes per-node stack traces with absolute source paths, FX node
+# dumps and module scopes. They make the bytes depend on where the checkout lives.
+DEBUG_METADATA_PREFIXES = ("pkg.torch.", "pkg.onnxscript.", "namespace")
+
+
+def normalize_model(model):
+    """Drop exporter debug metadata (stack traces with absolute paths, FX node dumps, module scopes, the
+    ExportedProgram signature) from every graph, node and value of every graph and function, in place;
+    returns the model.
+
+    Only `metadata_props` entries whose key starts with DEBUG_METADATA_PREFIXES are removed: graph structure,
+    names, initializers, opsets and the model-level producer fields stay as they are.
+    """
+    for graph in _graphs(model.graph):
+        _strip_graph(graph)
+    for fn in model.functions:
+        _strip(fn.metadata_props)
+        for node in fn.node:
+            _strip(node.metadata_props)
+            for sub in _subgraphs(node):
+                for graph in _graphs(sub):
+                    _strip_graph(graph)
+    return model
+
+
+def _strip_graph(graph) -> None:
+    _strip(graph.metadata_props)
+    for node in graph.node:
+        _strip(node.metadata_props)
+    for values in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for v in values:
+            _strip(v.metadata_props)
+
+
+def _subgraphs(node):
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def _graphs(graph):
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _graphs(sub)
+
+
+def _strip(props) -> None:
+    keep = [(p.key, p.value) for p in props if not p.key.startswith(DEBUG_METADATA_PREFIXES)]
+    if len(keep) == len(props):
+        return
+    del props[:]
+    for k, v in keep:
+        props.add(key=k, value=v)
