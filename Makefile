@@ -1,5 +1,9 @@
 # vlmforge: `make export-all` builds the default matrix, `make test` runs the test suite.
-# Both create the pinned virtual environment themselves on a fresh machine.
+# Every target that runs vlmforge creates the pinned virtual environment itself on a fresh machine.
+#   make export-all                                      every cell, one after the other (Hydra basic launcher)
+#   make export-all OVERRIDES="hydra/launcher=joblib hydra.launcher.n_jobs=2"   cells in parallel
+#   make export-all MATRIX=smoke OVERRIDES=validate.chain_tokens=4              the two-cell smoke matrix
+#   make export-all FORCE=1                              rebuild every stage (ignore <cache_dir>/stages)
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -11,7 +15,10 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv test export-all export clean distclean
+MATRIX  ?= default
+FORCE_FLAG := $(if $(FORCE),--force,)
+
+.PHONY: help venv test export-all export repro-check bench train-fixtures clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,13 +34,22 @@ venv: $(STAMP)  ## create .venv from constraints.txt
 test: $(STAMP)  ## run the test suite (CPU, tiny models, no network)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-export-all: $(STAMP)  ## build, validate and describe every cell of recipes/matrix/default.yaml
-	$(VENV)/bin/vlmforge export-all $(OVERRIDES)
+export-all: $(STAMP)  ## build, validate and describe every cell of recipes/matrix/$(MATRIX).yaml (one Hydra multirun)
+	$(VENV)/bin/vlmforge export-all --matrix $(MATRIX) $(FORCE_FLAG) $(OVERRIDES)
 
 export: $(STAMP)  ## build one artifact set: make export OVERRIDES="model=tiny_qwen2_5_vl vision=large"
-	$(VENV)/bin/vlmforge export $(OVERRIDES)
+	$(VENV)/bin/vlmforge export $(FORCE_FLAG) $(OVERRIDES)
 
-clean:  ## remove artifacts and caches (keeps .venv)
+repro-check: $(STAMP)  ## build one recipe twice from scratch and compare byte for byte: make repro-check OVERRIDES=...
+	$(PY) -m vlmforge.repro $(OVERRIDES)
+
+bench: $(STAMP)  ## runtime benchmark (BENCH_ARGS passes options)
+	$(PY) -m vlmforge.bench $(BENCH_ARGS)
+
+train-fixtures: $(STAMP)  ## retrain the trained tiny fixtures of every family
+	$(PY) -m vlmforge.fixtures.train --family all
+
+clean:  ## remove artifacts and caches, the stage cache in .work/stages included (keeps .venv)
 	rm -rf artifacts/*/ .work .pytest_cache
 
 distclean: clean  ## also remove the virtual environment

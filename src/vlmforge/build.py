@@ -1,25 +1,35 @@
-"""run_build(BuildConfig) -> BuildReport: export stages into a staging directory, validate them against
-PyTorch, write the manifest last, publish by rename.
+"""run_build(BuildConfig) -> BuildReport: export stages (or take them from the stage cache) into a staging
+directory, validate them against PyTorch (or take the cached verdict), publish by rename, manifest last.
 
-A failed or interrupted build never leaves a directory that looks complete: until the final rename the
-work lives in `.<name>.staging-*`; a build whose checks fail is moved to `<name>.failed/` without a
-manifest (its `validation.json` says what failed), so `vlmforge verify` rejects it.
+A failed or interrupted build never leaves a directory that `vlmforge verify` accepts: until the final
+rename the work lives in `.<name>.staging-<host>-<pid>` (no manifest there, ever); the manifest is written
+into the published directory after the rename, atomically; a build whose checks fail is moved to
+`<name>.failed/` without a manifest (its `validation.json` says what failed). The next build removes the
+working folders of dead builds and reuses every stage they finished (vlmforge/cache.py).
+
+The PyTorch model is loaded only when something needs it (an export, or a validation not cached): a build
+whose stages and validation are all cached reads the checkpoint's config and hashes, nothing more.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge import __version__
+from vlmforge.cache import (STAGE_READS, Entry, StageCache, digest, export_inputs, owner_tag, remove_stale, source_inputs,
+                            transform_inputs, validation_inputs)
 from vlmforge.config import BuildConfig, resolve_image_size, to_dict
-from vlmforge.errors import RecipeError, ValidationFailed
-from vlmforge.manifest import hash_files, toolchain, write_manifest
+from vlmforge.errors import CheckpointError, RecipeError, ValidationFailed
+from vlmforge.manifest import MANIFEST, hash_files, toolchain, validate_manifest, write_manifest
+from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
 from vlmforge.runtime.genai_config import write_runtime_configs
 from vlmforge.source import TOKENIZER_FILES, load_model, open_source
@@ -29,6 +39,9 @@ from vlmforge.validators.results import CheckResult
 log = logging.getLogger(__name__)
 
 RUNTIME_FILES = TOKENIZER_FILES + ("preprocessor_config.json", "generation_config.json")
+# Working folders beside the artifact sets: `.<name>.<kind>-<host>-<pid>`.
+WORK_DIR = re.compile(r"^\..+\.(?:staging|fp32|old)-(?P<tag>.+)$")
+VALIDATION_FILE = "validation.json"
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,18 @@ class BuildReport:
     passed: bool
     checks: list[CheckResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # vision/embedding/decoder -> cached | built | transformed (transform rebuilt, its FP32 export cached);
+    # validation -> cached | built | off
+    cache: dict[str, str] = field(default_factory=dict)
+    model_loaded: bool = False
+
+    def cache_summary(self) -> str:
+        """e.g. "3/3 stages + validation", "1/3 stages", "2/3 stages (1 from cached FP32)"."""
+        stages = [s for s in STAGES if s in self.cache]
+        hits = sum(self.cache[s] == "cached" for s in stages)
+        reused = sum(self.cache[s] == "transformed" for s in stages)
+        text = f"{hits}/{len(stages)} stages" + (f" ({reused} from cached FP32)" if reused else "")
+        return text + (" + validation" if self.cache.get("validation") == "cached" else "")
 
 
 def artifact_dir(cfg: BuildConfig, image_size: int) -> Path:
@@ -51,85 +76,235 @@ def artifact_dir(cfg: BuildConfig, image_size: int) -> Path:
     return Path(cfg.out_dir) / cfg.model.name / name
 
 
-def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> BuildReport:
+def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool = False,
+              progress: Progress | None = None) -> BuildReport:
+    """Build one artifact set. `force` ignores (and replaces) every cache entry; `progress` draws the live
+    status line (default: none, log lines only)."""
     family = get_family(cfg.model.family, where=f"{recipe}: model.family")
     image_size = resolve_image_size(cfg.vision.size, family, f"{recipe}: vision.size")
     check_target(cfg, recipe)
     if cfg.model.deepstack == "drop" and family.deepstack_off is None:
         raise RecipeError(f"model.deepstack=drop: {family.display_name} has no DeepStack", where=recipe,
                           fix="leave model.deepstack=keep (drop applies to Qwen3-VL)")
-    final = artifact_dir(cfg, image_size)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # Everything that can be checked without writing is checked first: a bad input leaves no directory.
     source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir),
                          f"{recipe}: model.checkpoint")
-    model = load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)
-    deepstack = family.deepstack_layers(model.config) > 0 and cfg.model.deepstack == "keep"
-    options = StageOptions(image_size=image_size, deepstack=deepstack)
-    contracts = {s: family.stage(s).contract(model.config, options) for s in STAGES}
-    timings["load"] = time.perf_counter() - t0
+    run = _Run(cfg, family, source, artifact_dir(cfg, image_size), image_size, StageCache(Path(cfg.cache_dir), force),
+               progress or QUIET)
+    run.timings["load"] = time.perf_counter() - t0
+    report = run.execute()
+    report.seconds["total"] = time.perf_counter() - t0
+    _write_build_log(report.directory, report.seconds, report.cache)
+    return report
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
-    fp32_dir = final.parent / f".{final.name}.fp32-{os.getpid()}"  # FP32 graphs behind transformed ones
-    for d in (staging, fp32_dir):
-        if d.exists():
-            shutil.rmtree(d)
-    staging.mkdir()
-    transformed = any(getattr(cfg.precision, s) != "fp32" for s in STAGES)
+
+def cache_keys(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> dict:
+    """The cache keys a build of `cfg` uses, computed without a model and without writing anything:
+    {"export": {stage: key}, "final": {stage: key}, "validation": key}."""
+    family = get_family(cfg.model.family, where=f"{recipe}: model.family")
+    image_size = resolve_image_size(cfg.vision.size, family, f"{recipe}: vision.size")
+    source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir),
+                         f"{recipe}: model.checkpoint")
+    run = _Run(cfg, family, source, artifact_dir(cfg, image_size), image_size, StageCache(Path(cfg.cache_dir)), QUIET)
+    return {"export": run.export_key, "final": run.final_key, "validation": run.validation_key}
+
+
+class _Run:
+    """One build: the plan (keys), the lazily loaded model, and the steps that fill the staging folder."""
+
+    def __init__(self, cfg, family, source, final: Path, image_size: int, cache: StageCache, progress: Progress):
+        self.cfg, self.family, self.source, self.final, self.cache, self.progress = cfg, family, source, final, cache, progress
+        self.timings: dict[str, float] = {}
+        self.status: dict[str, str] = {}
+        self._model = None
+        self.hf_config = load_hf_config(source, cfg.model.trust_remote_code)
+        family.check_checkpoint_config(self.hf_config, str(source.path / "config.json"))
+        self.deepstack = family.deepstack_layers(self.hf_config) > 0 and cfg.model.deepstack == "keep"
+        self.options = StageOptions(image_size=image_size, deepstack=self.deepstack)
+        self.contracts = {s: family.stage(s).contract(self.hf_config, self.options) for s in STAGES}
+        self.precision = {s: getattr(cfg.precision, s) for s in STAGES}
+        # The plan: one cache key per FP32 export, per transform, and for the validation of the whole set.
+        tools, src = toolchain(), source_inputs(source)
+        self.export_in = {s: export_inputs(family.key, s, self.options, cfg, src, tools) for s in STAGES}
+        self.export_key = {s: digest(i) for s, i in self.export_in.items()}
+        self.final_in = {s: (self.export_in[s] if p == "fp32" else transform_inputs(s, p, cfg.precision, self.export_key[s]))
+                         for s, p in self.precision.items()}
+        self.final_key = {s: digest(i) for s, i in self.final_in.items()}
+        self.validation_in = validation_inputs(self.final_key, self.export_key, cfg, source.path, RUNTIME_FILES)
+        self.validation_key = digest(self.validation_in)
+        tag = owner_tag()
+        self.staging = final.parent / f".{final.name}.staging-{tag}"
+        self.scratch = final.parent / f".{final.name}.fp32-{tag}"  # FP32 graphs behind transformed ones
+        self.cached_checks: tuple[list[CheckResult], dict] | None = None
+        self.validation_short = ""
+        self.exported: set[str] = set()  # stages whose FP32 export ran in this build (not taken from the cache)
+
+    # -- the model, on demand ---------------------------------------------------------------------------------------
+    def model(self, why: str):
+        if self._model is None:
+            t = time.perf_counter()
+            log.info("loading the PyTorch model from %s (for %s)", self.source.path, why)
+            with self.progress.step("loading the PyTorch model"):
+                self._model = load_model(self.source, self.cfg.model.trust_remote_code, self.cfg.model.load_dtype)
+            self.timings["load_model"] = time.perf_counter() - t
+        return self._model
+
+    # -- the build --------------------------------------------------------------------------------------------------
+    def execute(self) -> BuildReport:
+        final = self.final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(final.parent, WORK_DIR)
+        for d in (self.staging, self.scratch):
+            if d.exists():
+                shutil.rmtree(d)
+        self.staging.mkdir()
+        try:
+            self.cached_checks = self._cached_validation()
+            transforms = {s: r for s in STAGES if (r := self._stage(s)) is not None}
+            contracts = {s: precision_contract(c, self.precision[s], self.cfg.precision) for s, c in self.contracts.items()}
+            _copy_runtime_files(self.source.path, self.staging)
+            params = image_params(self.source.path, self.hf_config, self.options.image_size)
+            write_runtime_configs(self.staging, self.family.key, self.hf_config, contracts, params, self.deepstack)
+            checks, variant = self._validation(contracts, params)
+            if not all(c.passed for c in checks):
+                failed_dir = _park_failed(self.staging, final, checks)
+                bad = [c for c in checks if not c.passed]
+                raise ValidationFailed(
+                    f"{len(bad)} of {len(checks)} checks failed: " + "; ".join(f"{c.stage}/{c.name} {c.metric}={c.value} > {c.tolerance}" for c in bad[:4]),
+                    where=str(failed_dir / VALIDATION_FILE),
+                    fix="inspect the failing stage; tolerances live in recipes/validate/*.yaml (never loosen them to pass)",
+                )
+            manifest = _manifest(self.cfg, self.family.key, self.source, contracts, params, checks, self.staging)
+            for stage, record in transforms.items():
+                manifest["components"][stage]["transform"] = record
+            if variant:
+                manifest["variant"] = variant
+            validate_manifest(manifest, str(self.staging / MANIFEST))  # before the rename: a bad manifest publishes nothing
+            _publish(self.staging, final, manifest)
+        except BaseException:
+            if self.staging.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        return BuildReport(final, True, checks, self.timings, dict(self.status), self._model is not None)
+
+    def _stage(self, stage: str) -> dict | None:
+        """Put `stage` into staging; return its transform record (None for FP32)."""
+        precision = self.precision[stage]
+        if precision == "fp32":
+            entry, hit = self._export(stage, label=stage)
+            entry.materialize(self.staging)
+            self.status[stage] = "cached" if hit else "built"
+            return None
+
+        def fill(tmp: Path) -> dict:
+            self._fp32_graph(stage)
+            log.info("%s: transforming to %s", stage, precision)
+            t = time.perf_counter()
+            with self.progress.step(f"{stage}: {precision} transform"):
+                record = apply_precision(stage, precision, self.cfg.precision, self.scratch, tmp,
+                                         self.hf_config.text_config.vocab_size)
+            self.timings[f"transform.{stage}"] = time.perf_counter() - t
+            return {"transform": record}
+
+        key = self.final_key[stage]
+        entry, hit = self.cache.get_or_build(self.family.key, f"{stage}.{precision}", key, self.final_in[stage], fill)
+        if hit:
+            log.info("%s: up to date (cache %s)", stage, entry.short)
+        else:
+            log.info("%s: %s transform done in %.1f s (cache %s)", stage, precision,
+                     self.timings.get(f"transform.{stage}", 0.0), entry.short)
+        if self.cfg.validate.enabled and self.cached_checks is None:
+            self._fp32_graph(stage)  # validation compares the transformed graph with its FP32 graph
+        entry.materialize(self.staging)
+        self.status[stage] = "cached" if hit else ("built" if stage in self.exported else "transformed")
+        return entry.record["transform"]
+
+    def _fp32_graph(self, stage: str) -> None:
+        """The FP32 export of `stage` in the scratch folder (hardlinked from the cache; exported if missing)."""
+        if not (self.scratch / f"{stage}.onnx").exists():
+            entry, _ = self._export(stage, label=f"{stage} (FP32 export)")
+            entry.materialize(self.scratch, link=True)
+
+    def _export(self, stage: str, label: str) -> tuple[Entry, bool]:
+        def fill(tmp: Path) -> dict:
+            model = self.model(f"the {stage} export")
+            log.info("%s: exporting", label)
+            t = time.perf_counter()
+            with self.progress.step(f"{stage}: exporting"):
+                self.family.stage(stage).export(model, stage_options(stage, self.options), tmp / f"{stage}.onnx")
+            self.timings[f"export.{stage}"] = time.perf_counter() - t
+            return {"contract": self.contracts[stage].to_json()}
+
+        entry, hit = self.cache.get_or_build(self.family.key, stage, self.export_key[stage], self.export_in[stage], fill)
+        if not hit:
+            self.exported.add(stage)
+        if hit:
+            log.info("%s: up to date (cache %s)", label, entry.short)
+        else:
+            log.info("%s: exported in %.1f s (cache %s)", label, self.timings.get(f"export.{stage}", 0.0), entry.short)
+        return entry, hit
+
+    def _cached_validation(self) -> tuple[list[CheckResult], dict] | None:
+        if not self.cfg.validate.enabled:
+            return None
+        with self.cache.locked(self.family.key, "validation", self.validation_key):
+            entry = self.cache.lookup(self.family.key, "validation", self.validation_key)
+            if entry is None:
+                return None
+            data = json.loads((entry.path / VALIDATION_FILE).read_text())
+        self.validation_short = entry.short
+        return [CheckResult(**c) for c in data["checks"]], data.get("variant") or {}
+
+    def _validation(self, contracts, params) -> tuple[list[CheckResult], dict]:
+        if not self.cfg.validate.enabled:
+            self.status["validation"] = "off"
+            return [], {}
+        if self.cached_checks is not None:
+            self.status["validation"] = "cached"
+            log.info("validation: up to date (cache %s, %d checks passed)", self.validation_short, len(self.cached_checks[0]))
+            return self.cached_checks
+        transformed = any(p != "fp32" for p in self.precision.values())
+        t = time.perf_counter()
+        model = self.model("validation")
+        with self.progress.step("validating against PyTorch"):
+            checks, variant = _validate(self.cfg, self.family, self.staging, contracts, params, self.deepstack, model,
+                                        self.source.path, self.scratch if transformed else None)
+        self.timings["validate"] = time.perf_counter() - t
+        self.status["validation"] = "built"
+        if all(c.passed for c in checks):  # a failure is never cached: the next run checks again
+            def fill(tmp: Path) -> dict:
+                (tmp / VALIDATION_FILE).write_text(json.dumps(
+                    {"checks": [c.to_json() for c in checks], "variant": variant}, indent=2, sort_keys=True) + "\n")
+                return {}
+
+            with self.cache.locked(self.family.key, "validation", self.validation_key):
+                entry = self.cache.put(self.family.key, "validation", self.validation_key, self.validation_in, fill)
+            log.info("validation: %d checks passed in %.1f s (cache %s)", len(checks), self.timings["validate"], entry.short)
+        return checks, variant
+
+
+def stage_options(stage: str, options: StageOptions) -> StageOptions:
+    """The options an export sees: only those its cache key holds (cache.STAGE_READS); the others are None,
+    so a stage that starts reading one fails loudly instead of reusing a graph built for another value."""
+    return StageOptions(**{k: (v if k in STAGE_READS[stage] else None) for k, v in dataclasses.asdict(options).items()})
+
+
+def load_hf_config(source, trust_remote_code: bool = False):
+    """The transformers config object of the checkpoint, without its weights (contracts, dims, runtime files)."""
+    import transformers
+
+    cls = getattr(transformers, source.family.hf_class).config_class
     try:
-        transforms: dict[str, dict] = {}
-        for stage in STAGES:
-            t = time.perf_counter()
-            log.info("[%s] exporting %s", final, stage)
-            precision = getattr(cfg.precision, stage)
-            target_dir = fp32_dir if precision != "fp32" else staging
-            target_dir.mkdir(exist_ok=True)
-            family.stage(stage).export(model, options, target_dir / f"{stage}.onnx")
-            timings[f"export.{stage}"] = time.perf_counter() - t
-            if precision != "fp32":
-                t = time.perf_counter()
-                log.info("[%s] transforming %s to %s", final, stage, precision)
-                transforms[stage] = apply_precision(stage, precision, cfg.precision, fp32_dir, staging,
-                                                    model.config.text_config.vocab_size)
-                contracts[stage] = precision_contract(contracts[stage], precision, cfg.precision)
-                timings[f"transform.{stage}"] = time.perf_counter() - t
-        _copy_runtime_files(source.path, staging)
-        params = image_params(source.path, model.config, image_size)
-        write_runtime_configs(staging, family.key, model.config, contracts, params, deepstack)
-        checks: list[CheckResult] = []
-        variant: dict = {}
-        if cfg.validate.enabled:
-            t = time.perf_counter()
-            checks, variant = _validate(cfg, family, staging, contracts, params, deepstack, model, source.path,
-                                        fp32_dir if transformed else None)
-            timings["validate"] = time.perf_counter() - t
-        passed = all(c.passed for c in checks)
-        if not passed:
-            failed_dir = _park_failed(staging, final, checks)
-            bad = [c for c in checks if not c.passed]
-            raise ValidationFailed(
-                f"{len(bad)} of {len(checks)} checks failed: " + "; ".join(f"{c.stage}/{c.name} {c.metric}={c.value} > {c.tolerance}" for c in bad[:4]),
-                where=str(failed_dir / "validation.json"),
-                fix="inspect the failing stage; tolerances live in recipes/validate/*.yaml (never loosen them to pass)",
-            )
-        manifest = _manifest(cfg, family.key, source, contracts, params, checks, staging)
-        for stage, record in transforms.items():
-            manifest["components"][stage]["transform"] = record
-        if variant:
-            manifest["variant"] = variant
-        write_manifest(staging, manifest)
-        _publish(staging, final)
-    except BaseException:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(fp32_dir, ignore_errors=True)
-    timings["total"] = time.perf_counter() - t0
-    _write_build_log(final, timings)
-    return BuildReport(final, True, checks, timings)
+        return cls.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"transformers could not read config.json: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            where=str(source.path / "config.json"),
+            fix="check the folder is a complete Hugging Face checkpoint of this family",
+        ) from exc
 
 
 def _validate(cfg, family, staging, contracts, params, deepstack, model, source_path, fp32_dir):
@@ -244,13 +419,16 @@ def load_config_ids(config: dict) -> dict:
     }
 
 
-def _publish(staging: Path, final: Path) -> None:
-    """Rename into place; an older artifact set at `final` is replaced only after the new one is whole."""
+def _publish(staging: Path, final: Path, manifest: dict) -> None:
+    """Rename into place, then write the manifest there (atomically): at no moment does a directory without
+    its final files carry a manifest. An older set at `final` loses its manifest first, then is replaced."""
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        (final / MANIFEST).unlink(missing_ok=True)
+        old = final.parent / f".{final.name}.old-{owner_tag()}"
         os.rename(final, old)
     os.rename(staging, final)
+    write_manifest(final, manifest)
     failed = final.parent / f"{final.name}.failed"
     if failed.exists():
         shutil.rmtree(failed, ignore_errors=True)
@@ -262,13 +440,13 @@ def _park_failed(staging: Path, final: Path, checks: list[CheckResult]) -> Path:
     failed = final.parent / f"{final.name}.failed"
     if failed.exists():
         shutil.rmtree(failed)
-    (staging / "validation.json").write_text(json.dumps([c.to_json() for c in checks], indent=2) + "\n")
+    (staging / VALIDATION_FILE).write_text(json.dumps([c.to_json() for c in checks], indent=2) + "\n")
     os.rename(staging, failed)
     return failed
 
 
-def _write_build_log(final: Path, timings: dict) -> None:
+def _write_build_log(final: Path, timings: dict, cache: dict) -> None:
     """Wall-clock facts go beside the artifact set, never into the manifest (which must be reproducible)."""
     logs = final.parent / "logs"
     logs.mkdir(exist_ok=True)
-    (logs / f"{final.name}.json").write_text(json.dumps({"seconds": timings}, indent=2, sort_keys=True) + "\n")
+    (logs / f"{final.name}.json").write_text(json.dumps({"seconds": timings, "cache": cache}, indent=2, sort_keys=True) + "\n")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
 import os
 import re
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlmforge.errors import RecipeError, VlmforgeError
@@ -54,45 +58,301 @@ def _print_checks(checks) -> None:
 
 def cmd_export(args) -> int:
     from vlmforge.build import run_build
+    from vlmforge.progress import Progress
 
     cfg = compose(args.overrides, recipes_dir(args.recipes))
-    report = run_build(cfg)
+    report = run_build(cfg, force=args.force, progress=Progress())
     _print_checks(report.checks)
-    print(f"built {report.directory} ({len(report.checks)} checks passed, {report.seconds['total']:.1f} s)")
+    print(f"built {report.directory} ({len(report.checks)} checks passed, {report.seconds['total']:.1f} s; "
+          f"cache: {report.cache_summary()})")
     return 0
 
 
 def cmd_export_all(args) -> int:
-    import yaml
-
-    from vlmforge.build import run_build
-
     recipes = recipes_dir(args.recipes)
-    matrix_file = recipes / "matrix" / f"{args.matrix}.yaml"
+    plan = plan_matrix(recipes, args.matrix, list(args.overrides))
+    _prepare_checkpoints(plan)
+    _launch(plan, recipes, force=args.force)
+    rows = [_result(c) for c in plan.cells]
+    print(matrix_table(rows))
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} cells failed; their logs: " + ", ".join(r["log"] for r in failed),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+# -- the matrix: one Hydra multirun ---------------------------------------------------------------------------------
+# `export-all` = Hydra's --multirun over recipes/build.yaml + recipes/matrix/<name>.yaml, whose
+# `hydra.sweeper.params` lists the cells (options of recipes/matrix/cell/). The launcher is the recipe's
+# `hydra/launcher` (basic: in-process; joblib; recipes/hydra/launcher/slurm.yaml; ray_cluster.yaml). Before
+# anything runs, this process expands the sweep the way Hydra's basic sweeper does, composes every cell and
+# refuses two cells writing one directory. Each job writes its own log and a result file; this process reads
+# the results back (every launcher, local or remote, shares the filesystem with it) and prints one table.
+
+CELL_GROUP = "matrix/cell"
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    overrides: tuple[str, ...]  # this job's sweep choices (and the user's overrides)
+    directory: str  # the artifact set it writes
+    log: str
+    result: str
+    checkpoint: str
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    matrix: str
+    hydra_args: tuple[str, ...]  # what Hydra's own command line would be: +matrix=<name> + the user's overrides
+    sweep_keys: tuple[str, ...]
+    cells: tuple[Cell, ...]
+    in_process: bool  # the basic launcher: jobs run in this process, one after the other
+
+
+def plan_matrix(recipes: Path, matrix: str, overrides: list[str]) -> MatrixPlan:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from vlmforge.build import artifact_dir
+    from vlmforge.config import resolve_image_size
+    from vlmforge.registry import get_family
+
+    matrix_file = recipes / "matrix" / f"{matrix}.yaml"
     if not matrix_file.is_file():
-        raise RecipeError(f"no matrix {args.matrix!r}", where=str(matrix_file),
+        raise RecipeError(f"no matrix {matrix!r}", where=str(matrix_file),
                           fix=f"use one of {sorted(p.stem for p in (recipes / 'matrix').glob('*.yaml'))}")
-    cells = yaml.safe_load(matrix_file.read_text())["cells"]
-    failures = 0
-    rows = []
-    for cell in cells:
-        overrides = list(cell) + list(args.overrides)
+    hydra_args = (f"+matrix={matrix}", *overrides)
+    parser = OverridesParser.create()
+    try:
+        user = parser.parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise RecipeError(f"override does not parse: {exc}", where=f"overrides {overrides}",
+                          fix="write overrides as key=value, group=option, or key=a,b,c to sweep") from exc
+    fixed = [o.input_line for o in user if not o.is_sweep_override()]
+    hcfg = _compose_hydra(recipes, [f"+matrix={matrix}", *fixed])  # the sweep itself is expanded below
+    params = {str(k): str(v) for k, v in (hcfg.hydra.sweeper.params or {}).items()}
+    parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + user
+    choices: dict[str, list[str]] = {}  # later overrides of a key replace earlier ones, as in BasicSweeper
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise RecipeError(f"{key}: only lists of values (a,b,c) can be swept here", where=str(matrix_file),
+                              fix="list the values explicitly")
+        choices[key] = [f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else \
+            [f"{key}={o.get_value_element_as_str()}"]
+    swept = set(params) | {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    sweep_keys = tuple(sorted({k.lstrip("+~") for k in swept}))
+    launcher = str(hcfg.hydra.launcher.get("_target_", ""))
+    _check_launcher(launcher, matrix_file)
+    cells, seen = [], {}
+    for job in itertools.product(*choices.values()):
+        name = cell_name(job, sweep_keys)
+        cfg = compose(list(hydra_args[:1]) + list(job), recipes)
+        family = get_family(cfg.model.family, where=f"cell {name}: model.family")
+        final = artifact_dir(cfg, resolve_image_size(cfg.vision.size, family, f"cell {name}: vision.size"))
+        if str(final) in seen:
+            raise RecipeError(f"cells {seen[str(final)]!r} and {name!r} would both write {final}",
+                              where=f"{matrix_file} (hydra.sweeper.params) with overrides {overrides}",
+                              fix="give one of the cells another precision, vision size or name=..., or drop one")
+        seen[str(final)] = name
+        logs = Path(cfg.out_dir) / "logs"
+        cells.append(Cell(name, tuple(job), str(final), str(logs / f"{_file_name(name)}.log"),
+                          str(logs / f"{_file_name(name)}.result.json"), cfg.model.checkpoint, cfg.cache_dir))
+    if not cells:
+        raise RecipeError(f"matrix {matrix!r} has no cells", where=str(matrix_file),
+                          fix=f"list cells under hydra.sweeper.params: +{CELL_GROUP}: a,b,c")
+    return MatrixPlan(matrix, hydra_args, sweep_keys, tuple(cells), launcher.endswith(".BasicLauncher"))
+
+
+def _compose_hydra(recipes: Path, overrides: list[str]):
+    """The composed recipe with its `hydra` node (sweeper params, launcher), as a multirun would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vlmforge.config import register_schema
+
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(recipes), version_base=None):
+            return hydra_compose(config_name="build", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise RecipeError(f"matrix recipe does not compose: {' '.join(str(exc).split())[:600]}",
+                          where=f"{recipes}/build.yaml with overrides {overrides}",
+                          fix=f"check the overrides; cells live in {recipes}/matrix/cell/, launchers in "
+                              f"{recipes}/hydra/launcher/ (or come from an installed Hydra launcher plugin)") from exc
+
+
+def _check_launcher(target: str, where: Path) -> None:
+    import importlib
+
+    module = target.rpartition(".")[0]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pkg = {"hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher==1.2.0",
+               "hydra_plugins.hydra_ray_launcher": "hydra-ray-launcher ray",
+               "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher"}
+        need = next((v for k, v in pkg.items() if module.startswith(k)), module.split(".")[1] if "." in module else module)
+        raise RecipeError(f"the launcher {target} is not installed", where=f"hydra/launcher of {where}",
+                          fix=f".venv/bin/pip install {need} (or use hydra/launcher=basic or joblib)") from None
+
+
+def cell_name(job_overrides, sweep_keys: tuple[str, ...]) -> str:
+    """The cell's option of matrix/cell, then `key=value` for any other swept key."""
+    parts = []
+    for o in job_overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key == CELL_GROUP:
+            parts.insert(0, value)
+        elif key in sweep_keys:
+            parts.append(f"{key}={value}")
+    return ",".join(parts) or "default"
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def _prepare_checkpoints(plan: MatrixPlan) -> None:
+    """Write each embedded fixture once, here, before parallel jobs would race to write the same folder."""
+    from vlmforge.source import FIXTURE_PREFIX, resolve_checkpoint
+
+    for ckpt, cache in sorted({(c.checkpoint, c.cache_dir) for c in plan.cells}):
+        if ckpt.startswith(FIXTURE_PREFIX):
+            resolve_checkpoint(ckpt, None, Path(cache), "matrix cell model.checkpoint")
+
+
+def _launch(plan: MatrixPlan, recipes: Path, force: bool) -> None:
+    import hydra
+
+    for c in plan.cells:
+        Path(c.result).unlink(missing_ok=True)  # a result left by an earlier run never counts for this one
+    job = MatrixJob(plan.sweep_keys, {c.name: (c.log, c.result) for c in plan.cells}, force, plan.in_process)
+    main = hydra.main(config_path=str(recipes), config_name="build", version_base=None)(job)
+    argv = sys.argv
+    sys.argv = ["vlmforge export-all", "--multirun", *plan.hydra_args]
+    try:
+        main()  # Hydra's own entry point: it reads sys.argv
+    except SystemExit as exc:  # Hydra reports a launcher failure and exits; the table still says what ran
+        if exc.code not in (0, None):
+            log.error("the launcher stopped (exit %s); cells without a result are reported as failed", exc.code)
+    finally:
+        sys.argv = argv
+
+
+@dataclass(frozen=True)
+class MatrixJob:
+    """Hydra's task function for one cell (picklable, so joblib/submitit/ray can ship it to a worker).
+    A cell's failure is recorded, never raised: the other cells go on."""
+
+    sweep_keys: tuple[str, ...]
+    files: dict  # cell name -> (log file, result file)
+    force: bool = False
+    in_process: bool = True
+
+    def __call__(self, cfg) -> dict:
+        from hydra.core.hydra_config import HydraConfig
+
+        from vlmforge.build import run_build
+        from vlmforge.config import from_omegaconf
+        from vlmforge.progress import Progress
+
+        name = cell_name(HydraConfig.get().overrides.task, self.sweep_keys)
+        log_file, result_file = self.files[name]
+        handlers = _cell_logging(name, Path(log_file), self.in_process)
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        result = {"cell": name, "status": "FAILED", "log": log_file, "pid": os.getpid(), "started": time.time()}
         try:
-            report = run_build(compose(overrides, recipes))
-            rows.append((" ".join(overrides), "ok", str(report.directory)))
+            build_cfg = from_omegaconf(cfg, recipe=f"recipes/build.yaml +{CELL_GROUP}={name}")
+            report = run_build(build_cfg, recipe=f"cell {name}", force=self.force,
+                               progress=Progress(enabled=None if self.in_process else False))
+            result.update(status="ok", directory=str(report.directory), cache=report.cache_summary(),
+                          checks=len(report.checks))
         except VlmforgeError as err:
-            failures += 1
-            print(err.render(), file=sys.stderr)
-            rows.append((" ".join(overrides), "FAILED", err.what[:80]))
-    print("\ncell | status | result")
-    for r in rows:
-        print(" | ".join(r))
-    return 1 if failures else 0
+            log.error("cell %s failed:\n%s", name, err.render())
+            result.update(error=f"{err.kind}: {err.what}")
+        except Exception as err:  # a bug met by one cell must not stop the others; its traceback is in its log
+            log.exception("cell %s crashed", name)
+            result.update(status="CRASHED", error=f"{type(err).__name__}: {err}")
+        finally:
+            result.update(seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=_peak_rss_mb(), ended=time.time())
+            Path(result_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(result_file).write_text(json.dumps(result, indent=2) + "\n")
+            for h in handlers:
+                logging.getLogger().removeHandler(h)
+                h.close()
+        return result
+
+
+def _cell_logging(name: str, log_file: Path, in_process: bool) -> list[logging.Handler]:
+    """The cell's log file; in a fresh worker process (no handlers yet) also stderr, prefixed by the cell."""
+    root = logging.getLogger()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.FileHandler(log_file, mode="w")]
+    if not in_process or not root.handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    quiet_noisy_loggers()
+    return handlers
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so a cell's peak is its own even in a reused worker."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _result(cell: Cell) -> dict:
+    try:
+        return json.loads(Path(cell.result).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"cell": cell.name, "status": "NO RESULT", "log": cell.log,
+                "error": "the job ended without writing its result (killed, or the launcher failed)"}
+
+
+def matrix_table(rows: list[dict]) -> str:
+    head = ("cell", "status", "seconds", "peak RSS MB", "cache hits", "result")
+    body = [(r["cell"], r["status"], f"{r['seconds']:.1f}" if "seconds" in r else "-",
+             f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-", r.get("cache", "-"),
+             r.get("directory") or r.get("error", "")[:100]) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
 def cmd_verify(args) -> int:
     from vlmforge.manifest import verify_dir
+    from vlmforge.publish import cmd_verify_release, is_release
 
+    if is_release(Path(args.directory)):  # a release folder (SHA256SUMS) or tarball from `vlmforge publish`
+        return cmd_verify_release(Path(args.directory))
     report = verify_dir(Path(args.directory))
     for line in report.lines():
         print(line)
@@ -127,12 +387,15 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="build one artifact set from a recipe (Hydra overrides)")
     e.add_argument("overrides", nargs="*", help="e.g. model=qwen2_5_vl_3b model.checkpoint=/models/x vision=large")
+    e.add_argument("--force", action="store_true", help="rebuild every stage and re-run validation (ignore the cache)")
     e.set_defaults(func=cmd_export)
-    a = sub.add_parser("export-all", help="build every cell of a matrix recipe")
-    a.add_argument("--matrix", default="default")
-    a.add_argument("overrides", nargs="*", help="overrides applied to every cell")
+    a = sub.add_parser("export-all", help="build every cell of a matrix recipe (one Hydra multirun)")
+    a.add_argument("--matrix", default="default", help="recipes/matrix/<name>.yaml (default: default)")
+    a.add_argument("--force", action="store_true", help="rebuild every stage of every cell (ignore the cache)")
+    a.add_argument("overrides", nargs="*",
+                   help="overrides applied to every cell, e.g. validate.chain_tokens=4 hydra/launcher=joblib")
     a.set_defaults(func=cmd_export_all)
-    v = sub.add_parser("verify", help="re-hash an artifact directory against its manifest")
+    v = sub.add_parser("verify", help="re-hash an artifact directory (or a release folder/tarball) against its manifest")
     v.add_argument("directory")
     v.set_defaults(func=cmd_verify)
     val = sub.add_parser("validate", help="re-run every validation check of an artifact directory")
@@ -142,18 +405,25 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("family")
     f.add_argument("out")
     f.set_defaults(func=cmd_fixture)
+    from vlmforge.publish import add_parsers as add_publish_parsers
     from vlmforge.runtime.commands import register
 
+    add_publish_parsers(sub)
     register(sub)
     return p
+
+
+def quiet_noisy_loggers() -> None:
+    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per skipped node
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_noisy_loggers()
     try:
         return int(args.func(args) or 0)
     except VlmforgeError as err:

@@ -185,3 +185,30 @@ def test_genai_files_only_for_sets_genai_runs_faithfully(tmp_path):
             assert "window_size" not in genai["model"]["vision"]
             norm = json.loads((d / PROCESSOR_CONFIG).read_text())["processor"]["transforms"][4]["operation"]
             assert norm["attrs"]["qwen3_vl"] == 1 and norm["attrs"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_genai_runs_qwen3_vl_without_deepstack_like_the_runtime(qwen3_384_drop, image_paths):
+    """Qwen3-VL with DeepStack dropped (the only Qwen3-VL variant genai 0.18 runs): genai == vlmforge's loop,
+    which the build's chain check gates against HF on the same variant."""
+    from vlmforge.runtime.loop import generate_tokens, greedy
+    from vlmforge.runtime.pipeline import Pipeline, SamplingParams
+
+    art = qwen3_384_drop.directory
+    assert json.loads((art / GENAI_CONFIG).read_text())["model"]["type"] == "qwen3_vl"
+    tokens, logits, inputs = genai_generate(og.Model(str(art)), art, PROMPT3, image_paths[:1], N_TOKENS)
+    pipe = Pipeline.load(art)
+    prep = pipe._prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT3}]}],
+                         image_paths[:1], SamplingParams(), "test")
+    assert inputs["input_ids"].reshape(-1).tolist() == prep.prompt_ids.tolist()
+    ours = list(generate_tokens(pipe.engine, prep.inputs, pipe.ids, max_new_tokens=N_TOKENS, choose=greedy))
+    assert tokens == [t for t, _ in ours]
+    assert np.max(np.abs(logits - np.stack([lg for _, lg in ours]))) < 1e-4
+
+
+def test_qwen3_vl_with_deepstack_gets_no_genai_config(qwen3_384):
+    art = qwen3_384.directory
+    assert not (art / GENAI_CONFIG).exists() and not (art / PROCESSOR_CONFIG).exists()
+    assert json.loads((art / RUNTIME_CONFIG).read_text())["genai"]["loadable"] is False
+
+
+PROMPT3 = "Describe this image in detail."

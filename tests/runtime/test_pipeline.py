@@ -274,9 +274,42 @@ def test_kv_modes_and_prefill_chunks_give_the_same_logits(pipe, images):
     assert np.max(np.abs(runs[("preallocated", 64)] - base)) < 1e-4
 
 
+def test_a_loaded_cache_continues_like_the_original(pipe):
+    from vlmforge.runtime.kv import BoundDecoder
+
+    ids = np.asarray(pipe.tokenizer("a loaded cache", add_special_tokens=False)["input_ids"])
+    state = prefill(pipe.engine, [PromptInputs(ids)], pipe.ids, max_new_tokens=3, kv_mode="numpy")
+    cache = state.decoder.past()
+    want = state.step([42])
+    for mode in ("numpy", "ortvalue", "preallocated"):
+        dec = BoundDecoder(pipe.engine.decoder, pipe.engine.layout, batch=1, capacity=len(ids) + 3, mode=mode)
+        dec.load_past(cache)
+        embeds, _ = pipe.engine.embed(np.array([[42]]), None, None)
+        got = dec.run(embeds, state.mask, np.full((3, 1, 1), len(ids), np.int64) + state.deltas[None], None)
+        assert np.array_equal(got[:, -1], want), mode
+        assert all(np.array_equal(a, b) for a, b in zip(dec.past()[:2], state.decoder.past()[:2]))
+
+
 def test_validator_loop_is_unchanged_by_the_kv_mode(pipe):
     ids = np.asarray(pipe.tokenizer("hello world", add_special_tokens=False)["input_ids"])
     out = {m: list(generate_tokens(pipe.engine, PromptInputs(ids), pipe.ids, max_new_tokens=5, choose=greedy,
                                    min_new_tokens=5, kv_mode=m)) for m in ("numpy", "preallocated")}
     assert [t for t, _ in out["numpy"]] == [t for t, _ in out["preallocated"]]
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(out["numpy"], out["preallocated"]))
+
+
+def test_pipeline_runs_qwen3_vl_with_deepstack(qwen3_384, images):
+    """DeepStack features flow vision -> embedding -> decoder through the same loop the build's chain check
+    compared with HF generate (recorded in the manifest)."""
+    art = qwen3_384.directory
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert all(c["passed"] for c in manifest["validation"]["checks"] if c["stage"] == "chain")
+    q3 = Pipeline.load(art)
+    assert q3.engine.layout.deepstack_layers > 0
+    text = q3.generate("Describe this image in detail.", images=images[:1], max_new_tokens=N_TOKENS)
+    prep = q3._prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}],
+                       images[:1], SamplingParams(), "test")
+    tokens = [t for t, _ in generate_tokens(q3.engine, prep.inputs, q3.ids, max_new_tokens=N_TOKENS, choose=greedy)]
+    tokens = [t for t in tokens if t not in q3.ids.eos]
+    assert text == q3.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert q3.generate_batch(["Hi.", "Describe this image in detail."], images=[[], images[:1]], max_new_tokens=N_TOKENS)[1] == text

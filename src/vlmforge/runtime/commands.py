@@ -43,6 +43,7 @@ def _generation_options(p) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--provider", action="append", default=None, metavar="NAME",
                    help="onnxruntime execution provider (repeatable; default CPUExecutionProvider)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     p.add_argument("--stats", action="store_true", help="print vision ms, time to first token, decode tokens/s to stderr")
 
 
@@ -66,7 +67,7 @@ def cmd_generate(args, out: TextIO | None = None, err: TextIO | None = None) -> 
     from vlmforge.runtime.pipeline import Pipeline
 
     out, err = out or sys.stdout, err or sys.stderr
-    pipe = Pipeline.load(args.directory, providers=args.provider)
+    pipe = Pipeline.load(args.directory, providers=args.provider, threads=args.threads)
     pieces = pipe.stream(args.prompt, args.image, **_options(args))  # input errors raise here, before any run
     if args.no_stream:
         out.write("".join(pieces))
@@ -84,7 +85,7 @@ def cmd_generate(args, out: TextIO | None = None, err: TextIO | None = None) -> 
 def cmd_chat(args) -> int:
     from vlmforge.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.directory, providers=args.provider)
+    pipe = Pipeline.load(args.directory, providers=args.provider, threads=args.threads)
     interactive = sys.stdin.isatty()
     read = (lambda: input("> ")) if interactive else _read_stdin_line
     if interactive:

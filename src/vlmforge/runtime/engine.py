@@ -31,9 +31,9 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int = 
 
 
 class Graph:
-    def __init__(self, path: Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int = 0) -> None:
         self.path = Path(path)
-        self.session = make_session(self.path, providers)
+        self.session = make_session(self.path, providers, threads)
         self.input_types = {i.name: _ORT_TO_NP.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -57,10 +57,12 @@ class KVLayout:
 class Engine:
     """vision -> embedding -> decoder for one artifact set."""
 
-    def __init__(self, vision: Path, embedding: Path, decoder: Path, layout: KVLayout, providers=None) -> None:
-        self.vision = Graph(vision, providers)
-        self.embedding = Graph(embedding, providers)
-        self.decoder = Graph(decoder, providers)
+    def __init__(self, vision: Path, embedding: Path, decoder: Path, layout: KVLayout, providers=None,
+                 threads: int = 0) -> None:
+        """`threads`: onnxruntime intra-op threads per session (0 = onnxruntime's default, all cores)."""
+        self.vision = Graph(vision, providers, threads)
+        self.embedding = Graph(embedding, providers, threads)
+        self.decoder = Graph(decoder, providers, threads)
         self.layout = layout
 
     def encode_image(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -71,10 +73,10 @@ class Engine:
         L, H = self.layout.deepstack_layers, self.layout.hidden
         feeds = {
             "input_ids": input_ids.astype(np.int64),
-            "image_features": features if features is not None else np.zeros((0, H), np.float32),
+            "image_features": features if features is not None else _empty((0, H)),
         }
         if L:
-            feeds["deepstack_features"] = deepstack if deepstack is not None else np.zeros((L, 0, H), np.float32)
+            feeds["deepstack_features"] = deepstack if deepstack is not None else _empty((L, 0, H))
         out = self.embedding.run(feeds)
         return out["inputs_embeds"], out.get("deepstack_embeds")
 
@@ -97,3 +99,13 @@ class Engine:
         for i in range(self.layout.num_layers):
             presents += [out[f"present.{i}.key"], out[f"present.{i}.value"]]
         return out["logits"], presents
+
+
+_EMPTY: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    """A shared zero-size float32 array (decode steps feed no image features)."""
+    if shape not in _EMPTY:
+        _EMPTY[shape] = np.zeros(shape, np.float32)
+    return _EMPTY[shape]

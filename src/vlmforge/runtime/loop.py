@@ -109,6 +109,9 @@ class DecodeState:
         self.deltas = deltas
         self.logits = logits  # [B, V] float32
         self.stats = stats
+        # Position of the next token per row: attended tokens so far + rope delta; the same value
+        # `mrope.decode_position_ids(attention_mask=...)` computes from the cumulative sum of the mask.
+        self._next_position = mask.sum(axis=1, keepdims=True).astype(np.int64) + deltas
 
     @property
     def length(self) -> int:
@@ -120,7 +123,8 @@ class DecodeState:
         tokens = np.asarray(tokens, np.int64).reshape(-1, 1)
         embeds, _ = self.engine.embed(tokens, None, None)
         self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], 1)
-        positions = mrope.decode_position_ids(self.deltas, attention_mask=self.mask, new_tokens=1)
+        positions = np.broadcast_to(self._next_position[None], (3, *self._next_position.shape))
+        self._next_position = self._next_position + 1
         logits = self.decoder.run(embeds, self.mask, positions, None)
         self.logits = logits[:, -1].astype(np.float32)
         self.stats.decode_s += time.perf_counter() - t

@@ -227,8 +227,14 @@ class Pipeline:
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory, providers: list[str] | None = None, *, kv_mode: str = "preallocated") -> "Pipeline":
-        """Verify every listed file against the manifest, then open the sessions and the tokenizer."""
+    def load(cls, directory, providers: list[str] | None = None, *, kv_mode: str = "preallocated",
+             threads: int = 0) -> "Pipeline":
+        """Verify every listed file against the manifest, then open the sessions and the tokenizer.
+
+        `threads`: onnxruntime intra-op threads (0 = all cores). On a machine shared with other work a
+        single thread can be faster (a 2-thread pool waits for its descheduled thread); onnxruntime-genai
+        defaults to half the hardware threads.
+        """
         directory = Path(directory)
         if kv_mode not in MODES:
             raise InputError(f"unknown kv_mode {kv_mode!r}", where="Pipeline.load", fix=f"use one of {', '.join(MODES)}")
@@ -247,7 +253,9 @@ class Pipeline:
         if not context:
             limit = getattr(tokenizer, "model_max_length", None)
             context = int(limit) if isinstance(limit, int) and limit < 10**8 else None
-        engine = Engine(files["vision"], files["embedding"], files["decoder"], layout, providers)
+        if not isinstance(threads, int) or threads < 0:
+            raise InputError(f"threads={threads!r}", where="Pipeline.load(threads=...)", fix="pass an integer >= 0 (0 = all cores)")
+        engine = Engine(files["vision"], files["embedding"], files["decoder"], layout, providers, threads)
         return cls(directory, manifest, engine, tokenizer, context_length=context, eos=eos, pad=pad,
                    kv_mode=kv_mode, device=device_of(providers))
 
@@ -260,7 +268,7 @@ class Pipeline:
         """Like `generate`, yielding text pieces as tokens come. Input is checked before this returns."""
         params = _params(kwargs, "Pipeline.stream")
         start = time.perf_counter()
-        images = list(images or ())
+        images = _image_list(images)
         prepared = self._prepare([_user(prompt, len(images))], images, params, "Pipeline.stream")
         return self._stream(prepared, params, start)
 
@@ -270,7 +278,7 @@ class Pipeline:
         if isinstance(prompts, str) or not prompts:
             raise InputError("generate_batch needs a non-empty list of prompts", where="Pipeline.generate_batch(prompts=...)",
                              fix="pass a list of strings (use generate for one prompt)")
-        images = [list(i or ()) for i in images] if images is not None else [[] for _ in prompts]
+        images = [_image_list(i) for i in images] if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(images)} image lists",
                              where="Pipeline.generate_batch(images=...)", fix="pass one (possibly empty) image list per prompt")
@@ -426,7 +434,7 @@ class Chat:
         pipe = self.pipeline
         params = _params(kwargs, "Chat.stream")
         start = time.perf_counter()
-        loaded = pipe.load_images(list(images or ()), "Chat.stream")
+        loaded = pipe.load_images(_image_list(images), "Chat.stream")
         messages = self.messages + [_user(text, len(loaded))]
         prepared = pipe._prepare(messages, self.images + loaded, params, "Chat.stream")
         return self._turn(messages, loaded, pipe._stream(prepared, params, start))
@@ -444,6 +452,17 @@ class Chat:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+def _image_list(images) -> list:
+    """One image (path or PIL image) or a sequence of them -> a list."""
+    from PIL import Image
+
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
+
+
 def _user(text: str, n_images: int) -> dict:
     if not isinstance(text, str):
         raise InputError(f"prompt is a {type(text).__name__}", where="prompt", fix="pass the prompt as a string")

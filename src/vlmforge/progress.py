@@ -1,0 +1,97 @@
+"""A one-line live status for long build steps (export, transform, validation) on a terminal.
+
+On a TTY (stderr) the step being worked on is shown as one line with its elapsed seconds, redrawn in place
+twice a second and cleared when the step ends (the build then logs one line saying how it ended). Log
+records printed meanwhile clear the line first, so the two never interleave. When stderr is not a terminal
+(CI, a log file, a parallel matrix job) nothing is drawn: the log lines alone tell the story.
+
+Plain ANSI (carriage return + erase line); no dependency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from typing import IO, Iterator
+
+CLEAR = "\r\033[K"
+SPINNER = "|/-\\"
+
+
+class Progress:
+    def __init__(self, stream: IO[str] | None = None, enabled: bool | None = None, interval: float = 0.5) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        if enabled is None:
+            enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = enabled
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._label: str | None = None
+        self._start = 0.0
+        self._shown = False
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        """Show `label` with a ticking clock while the block runs (a no-op when not enabled)."""
+        if not self.enabled:
+            yield
+            return
+        stop = threading.Event()
+        with self._lock:
+            self._label, self._start = label, time.perf_counter()
+        ticker = threading.Thread(target=self._tick, args=(stop,), name="vlmforge-progress", daemon=True)
+        filt = _ClearLine(self)
+        handlers = logging.getLogger().handlers
+        for h in handlers:
+            h.addFilter(filt)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
+            for h in handlers:
+                h.removeFilter(filt)
+            with self._lock:
+                self._label = None
+                self._clear()
+
+    def _tick(self, stop: threading.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            with self._lock:
+                if self._label is not None:
+                    elapsed = time.perf_counter() - self._start
+                    self.stream.write(f"{CLEAR}{SPINNER[n % len(SPINNER)]} {self._label}  {elapsed:5.1f} s")
+                    self.stream.flush()
+                    self._shown = True
+            n += 1
+            stop.wait(self.interval)
+
+    def _clear(self) -> None:
+        if self._shown:
+            self.stream.write(CLEAR)
+            self.stream.flush()
+            self._shown = False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+
+class _ClearLine(logging.Filter):
+    """Attached to the root handlers while a step runs: a log record first erases the status line."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear()
+        return True
+
+
+QUIET = Progress(enabled=False)

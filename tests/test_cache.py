@@ -1,0 +1,246 @@
+"""The stage cache: what goes into a key, integrity of entries, atomic and resumable builds."""
+
+from __future__ import annotations
+
+import ast
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECIPES, compose
+from vlmforge import cache as C
+from vlmforge.manifest import verify_dir
+from vlmforge.progress import Progress
+from vlmforge.source import resolve_checkpoint
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write(name: str, data: bytes):
+    def fill(tmp: Path) -> dict:
+        (tmp / name).write_bytes(data)
+        return {"note": "x"}
+    return fill
+
+
+# -- entries -----------------------------------------------------------------------------------------------------
+def test_entry_is_reused_and_an_altered_entry_is_deleted_and_rebuilt(tmp_path, caplog):
+    cache = C.StageCache(tmp_path)
+    key = "ab" * 32
+    entry, hit = cache.get_or_build("fam", "vision", key, {"k": 1}, _write("vision.onnx", b"graph"))
+    assert not hit and entry.record == {"note": "x"}
+    again, hit = cache.get_or_build("fam", "vision", key, {"k": 1}, _write("vision.onnx", b"other"))
+    assert hit and (again.path / "vision.onnx").read_bytes() == b"graph"
+
+    (entry.path / "vision.onnx").write_bytes(b"grapH")  # a user edits the cached file
+    with caplog.at_level(logging.WARNING, logger="vlmforge.cache"):
+        assert cache.lookup("fam", "vision", key) is None
+    assert "corrupted" in caplog.text and not entry.path.exists()
+    rebuilt, hit = cache.get_or_build("fam", "vision", key, {"k": 1}, _write("vision.onnx", b"graph"))
+    assert not hit and (rebuilt.path / "vision.onnx").read_bytes() == b"graph"
+
+
+@pytest.mark.parametrize("damage", ["extra file", "edited record", "missing file"])
+def test_every_kind_of_damage_is_detected(tmp_path, damage):
+    cache = C.StageCache(tmp_path)
+    key = "cd" * 32
+    entry, _ = cache.get_or_build("fam", "decoder", key, {}, _write("decoder.onnx", b"g"))
+    if damage == "extra file":
+        (entry.path / "decoder.onnx.data").write_bytes(b"d")
+    elif damage == "edited record":
+        text = (entry.path / C.ENTRY).read_text().replace('"note": "x"', '"note": "y"')
+        (entry.path / C.ENTRY).write_text(text)
+    else:
+        (entry.path / "decoder.onnx").unlink()
+    assert cache.lookup("fam", "decoder", key) is None and not entry.path.exists()
+
+
+def test_a_failed_fill_leaves_no_entry_and_no_temp_folder(tmp_path):
+    cache = C.StageCache(tmp_path)
+
+    def boom(tmp: Path) -> dict:
+        (tmp / "half.onnx").write_bytes(b"half")
+        raise RuntimeError("killed mid-export")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("fam", "vision", "ef" * 32, {}, boom)
+    assert [p.name for p in cache.slot("fam", "vision").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_temp_folder_of_a_dead_writer_is_never_used_and_is_removed(tmp_path):
+    cache = C.StageCache(tmp_path)
+    key = "12" * 32
+    slot = cache.slot("fam", "vision")
+    slot.mkdir(parents=True)
+    dead = slot / f".tmp-{key[:12]}-{C._host()}-{_dead_pid()}"
+    dead.mkdir()
+    (dead / "vision.onnx").write_bytes(b"partial")
+    assert cache.lookup("fam", "vision", key) is None  # only <key>/ is ever read
+    entry, hit = cache.get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"whole"))
+    assert not hit and not dead.exists() and (entry.path / "vision.onnx").read_bytes() == b"whole"
+
+
+def test_force_rebuilds_an_existing_entry(tmp_path):
+    key = "34" * 32
+    C.StageCache(tmp_path).get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"old"))
+    entry, hit = C.StageCache(tmp_path, force=True).get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"new"))
+    assert not hit and (entry.path / "vision.onnx").read_bytes() == b"new"
+
+
+def test_stale_work_folders_are_told_from_live_and_foreign_ones(tmp_path):
+    from vlmforge.build import WORK_DIR
+
+    host, dead = C._host(), _dead_pid()
+    names = {
+        f".fp32-392.staging-{host}-{dead}": True,  # dead here: removed
+        f".fp32-392.fp32-{host}-{dead}": True,
+        f".fp32-392.staging-{dead}": True,  # older naming, bare pid
+        f".fp32-392.staging-{host}-{os.getpid()}": False,  # alive
+        f".fp32-392.staging-otherhost-{dead}": False,  # another node of a shared filesystem: not ours to judge
+        "fp32-392": False,
+    }
+    for n in names:
+        (tmp_path / n).mkdir()
+    C.remove_stale(tmp_path, WORK_DIR)
+    assert {n for n in names if (tmp_path / n).exists()} == {n for n, gone in names.items() if not gone}
+
+
+# -- keys --------------------------------------------------------------------------------------------------------
+def _keys(work_dirs, *overrides):
+    from vlmforge.build import cache_keys
+
+    return cache_keys(compose(f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}", *overrides))
+
+
+def test_block_size_changes_only_the_decoder_transform_key(work_dirs):
+    a = _keys(work_dirs, "model=tiny_qwen2_5_vl", "precision=int4", "precision.int4.block_size=32")
+    b = _keys(work_dirs, "model=tiny_qwen2_5_vl", "precision=int4", "precision.int4.block_size=64")
+    assert a["export"] == b["export"]  # the FP32 decoder export is reused
+    assert a["final"]["vision"] == b["final"]["vision"] and a["final"]["embedding"] == b["final"]["embedding"]
+    assert a["final"]["decoder"] != b["final"]["decoder"]
+    assert a["validation"] != b["validation"]
+    fp32 = _keys(work_dirs, "model=tiny_qwen2_5_vl", "precision=fp32")
+    assert fp32["export"] == a["export"] and fp32["final"]["decoder"] == a["export"]["decoder"]
+
+
+def test_keys_ignore_what_cannot_change_a_graph(work_dirs):
+    base = _keys(work_dirs, "model=tiny_qwen2_5_vl")
+    other = _keys(work_dirs, "model=tiny_qwen2_5_vl", "validate.chain_tokens=4", "name=elsewhere")
+    assert other["final"] == base["final"] and other["validation"] != base["validation"]
+    large = _keys(work_dirs, "model=tiny_qwen2_5_vl", "vision=large")
+    assert large["final"]["vision"] != base["final"]["vision"]
+    assert {s: large["final"][s] for s in ("embedding", "decoder")} == {s: base["final"][s] for s in ("embedding", "decoder")}
+
+
+def test_stage_code_imports_nothing_outside_the_hashed_files():
+    """Every vlmforge module the export/transform code imports is in STAGE_CODE. Exempt: build.py (its
+    validation imports serve validation, hashed with VALIDATION_CODE) and the fixture writers (their output
+    reaches a stage only as checkpoint files, hashed by content)."""
+    pkg = C.PACKAGE
+    hashed = {f.relative_to(pkg).as_posix() for f in C.code_files(C.STAGE_CODE)}
+    assert not [f for f in hashed if f.startswith(("validators/", "runtime/", "fixtures/"))]  # validation-only code
+    assert {"build.py", "exporters/decoder.py", "transforms/quantize_int4.py", "families/qwen3_vl/vision.py"} <= hashed
+
+    def module_file(mod: str) -> str:
+        rel = mod.split(".", 1)[1].replace(".", "/") if "." in mod else ""
+        for cand in (f"{rel}.py", f"{rel}/__init__.py" if rel else "__init__.py"):
+            if (pkg / cand).is_file():
+                return cand
+        return rel + ".py"
+
+    bad = []
+    for rel in sorted(hashed - {"build.py"}):
+        tree = ast.parse((pkg / rel).read_text())
+        for node in ast.walk(tree):
+            mods = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlmforge"):
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names if a.name.startswith("vlmforge")]
+            for mod in mods:
+                target = module_file(mod)
+                if not (pkg / target).is_file() or target in hashed:
+                    continue  # a name imported from a module, not a module
+                if mod.startswith("vlmforge.fixtures") and (rel.endswith("/fixture.py") or rel == "source.py"):
+                    continue
+                bad.append(f"{rel} imports {mod}")
+    assert bad == []
+
+
+# -- builds ------------------------------------------------------------------------------------------------------
+def test_second_build_is_up_to_date_without_loading_the_model(qwen25_392, work_dirs, monkeypatch, caplog):
+    import vlmforge.build as B
+
+    def no_model(*a, **k):
+        raise AssertionError("the PyTorch model was loaded for a fully cached build")
+
+    monkeypatch.setattr(B, "load_model", no_model)
+    cfg = compose(f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}", "model=tiny_qwen2_5_vl",
+                  "vision=small", "name=cached-again")
+    with caplog.at_level(logging.INFO, logger="vlmforge.build"):
+        report = B.run_build(cfg)
+    assert report.cache == {"vision": "cached", "embedding": "cached", "decoder": "cached", "validation": "cached"}
+    assert report.cache_summary() == "3/3 stages + validation" and not report.model_loaded
+    for stage in ("vision", "embedding", "decoder"):
+        assert f"{stage}: up to date (cache " in caplog.text
+    assert verify_dir(report.directory).ok
+    assert [c.to_json() for c in report.checks] == [c.to_json() for c in qwen25_392.checks]
+
+
+def test_killed_build_leaves_nothing_verifiable_and_the_next_run_resumes(work_dirs, tmp_path):
+    """SIGKILL while the decoder is exported; the re-run reuses vision and embedding and publishes."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    ckpt = resolve_checkpoint("fixture:qwen2_5_vl", None, work_dirs["cache"], "test")  # the session's fixture
+    argv = [sys.executable, "-m", "vlmforge.cli", "--recipes", str(RECIPES), "export", f"out_dir={out}",
+            f"cache_dir={cache}", f"model.checkpoint={ckpt}", "validate.chain_tokens=4"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stderr:
+        seen.append(line)
+        if "decoder: exporting" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any("decoder: exporting" in s for s in seen), "".join(seen)[-2000:]
+    assert list(out.rglob("manifest.json")) == []  # nothing `vlmforge verify` would accept
+    assert [p.name for p in (out / "tiny-qwen2_5_vl").iterdir() if ".staging-" in p.name]  # the dead build's work
+
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "vision: up to date (cache " in run.stderr and "embedding: up to date (cache " in run.stderr
+    assert "decoder: exported in" in run.stderr and "left by an interrupted build" in run.stderr
+    final = out / "tiny-qwen2_5_vl" / "fp32-392"
+    assert verify_dir(final).ok
+    assert [p.name for p in final.parent.iterdir() if p.name.startswith(".")] == []
+    assert not [p for p in (cache / "stages").rglob(".tmp-*")]
+
+
+# -- progress ----------------------------------------------------------------------------------------------------
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_one_status_line_on_a_terminal_only():
+    tty = _Tty()
+    with Progress(stream=tty, interval=0.01).step("decoder: exporting"):
+        time.sleep(0.05)
+    text = tty.getvalue()
+    assert "decoder: exporting" in text and " s" in text and text.endswith("\r\033[K")
+    quiet = io.StringIO()
+    with Progress(stream=quiet).step("decoder: exporting"):
+        time.sleep(0.02)
+    assert quiet.getvalue() == ""
