@@ -14,7 +14,7 @@ from vlmforge.errors import CheckpointError, InputError
 from vlmforge.fixtures import task
 from vlmforge.fixtures import tokens as T
 from vlmforge.fixtures.checkpoint import file_digests
-from vlmforge.fixtures.train import make_batch
+from vlmforge.fixtures.train import conversation_ids, make_batch
 from vlmforge.fixtures.trained import (
     TRAINED,
     TRAINED_DIR,
@@ -34,7 +34,7 @@ FAMILIES = sorted(TRAINED)
 # Held-out accuracy measured with `python -m vlmforge.fixtures.train` (PyTorch FP32, 200 questions), and
 # the floor this test holds the first 40 of those questions to (measured minus a margin for the smaller
 # sample and for float differences between attention implementations).
-MEASURED_ACCURACY = {"qwen2_5_vl": 0.0, "qwen3_vl": 0.0}
+MEASURED_ACCURACY = {"qwen2_5_vl": 0.91, "qwen3_vl": 0.86}
 ACCURACY_FLOOR_40 = {key: value - 0.12 for key, value in MEASURED_ACCURACY.items()}
 
 
@@ -71,6 +71,16 @@ def test_task_answers_are_short_and_cover_every_kind():
     assert examples[0].image.size == (128, 128) and examples[0].image.mode == "RGB"
 
 
+def test_conversation_asks_every_distinct_question_at_most_once():
+    for seed in range(40):
+        conv = task.make_conversation(seed, 112, 99)
+        questions = [q for q, _, _ in conv.turns]
+        assert len(questions) == len(set(questions))
+        colour_questions = sum(kind == "colour" for _, _, kind in conv.turns)
+        assert len(questions) == 1 + 2 * colour_questions  # every question of the picture, once
+        assert 1 <= colour_questions <= 4
+
+
 def test_training_labels_cover_only_the_answer_and_im_end():
     enc = PromptEncoder("qwen2_5_vl")
     examples = task.generate_examples(0, 3, 112)
@@ -80,6 +90,27 @@ def test_training_labels_cover_only_the_answer_and_im_end():
         assert kept == enc.tokenizer.encode(ex.answer) + [T.EOS_TOKEN_ID]
     assert int((batch["input_ids"] == T.IMAGE_TOKEN_ID).sum(dim=1)[0]) == enc.image_tokens == 16
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == T.IMAGE_TOKEN_ID).long())
+
+
+def test_training_conversation_is_what_the_chat_template_renders():
+    from vlmforge.runtime.prompt import expand_image_tokens
+
+    enc = PromptEncoder("qwen3_vl")
+    seed = next(s for s in range(20) if len(task.make_conversation(s, 128, 4).turns) == 4)
+    conv = task.make_conversation(seed, 128, 4)
+    first = task.make_example(seed, 128)
+    assert conv.turns[0] == (first.question, first.answer, first.kind)
+    assert len({q for q, _, _ in conv.turns}) == 4
+    messages = []
+    for i, (question, answer, _kind) in enumerate(conv.turns):
+        image = [{"type": "image"}] if i == 0 else []
+        messages += [{"role": "user", "content": [*image, {"type": "text", "text": question}]},
+                     {"role": "assistant", "content": answer}]
+    rendered = enc.tokenizer.encode(enc.tokenizer.apply_chat_template(messages, tokenize=False))
+    rendered = expand_image_tokens(rendered, [enc.image_tokens], T.IMAGE_TOKEN_ID)
+    ids, targets = conversation_ids(conv, enc)
+    assert ids == rendered[: len(ids)] and enc.tokenizer.decode(rendered[len(ids):]) == "\n"
+    assert [t for t in targets if t != -100] == [t for _, a, _ in conv.turns for t in enc.answer_ids(a)]
 
 
 # ---------------------------------------------------------------- shipped weights

@@ -397,7 +397,7 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         "vlmforge_version": __version__,
         "family": family_key,
         "source": {"checkpoint": cfg.model.checkpoint, "revision": cfg.model.revision, "weights": source.weight_files},
-        "recipe": to_dict(cfg),
+        "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir")},  # where it ran is not what it is
         "toolchain": toolchain(),
         "components": comps,
         "files": hash_files(staging),

@@ -80,7 +80,9 @@ def save_model(model: onnx.ModelProto, out_path: Path) -> Path:
     data_path = out_path.with_name(data_name)
     if data_path.exists():
         data_path.unlink()
-    size = model.ByteSize()
+    # Summed initializer bytes, not model.ByteSize(): protobuf cannot serialise (or measure) a model >2 GiB.
+    size = sum(len(t.raw_data) or onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * _numel(t)
+               for t in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
@@ -94,6 +96,13 @@ def save_model(model: onnx.ModelProto, out_path: Path) -> Path:
     else:
         onnx.save_model(model, str(out_path))
     return out_path
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
 
 
 def stamp_contract_dims(model: onnx.ModelProto, contract) -> None:

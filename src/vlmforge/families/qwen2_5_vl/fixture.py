@@ -103,13 +103,21 @@ def write_fixture(out_dir: Path, seed: int = 0) -> Path:
 
 
 def trained_config_dict() -> dict:
-    """The config of the trained fixture (`vlmforge.fixtures.train`): the tiny config with 56-px windows.
+    """The config of the trained fixture (`vlmforge.fixtures.train`): the tiny config with 56-px windows
+    and rope_theta 10.
 
-    Why not the tiny config as is: the trained model sees 112-px images (8 x 8 patches), where 112-px
-    windows would cover the whole image and the window path would be full attention in disguise. 56-px
-    windows give 4 windows per image (one per cell of the task's 2 x 2 grid), so the window-attention
-    blocks (0, 2) and the full-attention blocks (1, 3) really differ in a trained, exported model.
+    Windows: the trained model sees 112-px images (8 x 8 patches), where 112-px windows would cover the
+    whole image and the window path would be full attention in disguise; 56-px windows give 4 windows
+    per image (one per cell of the task's 2 x 2 grid), so window blocks (0, 2) and full-attention blocks
+    (1, 3) really differ. rope_theta: with head_dim 16, MRoPE gives each spatial axis 3 frequency pairs;
+    at theta 1e6 the width axis turns < 2e-4 rad per position, the model cannot tell left from right and
+    "the shape at the top left" was not learned. At theta 10 every axis turns 0.1-0.6 rad per position,
+    so the trained model relies on correct 3-D positions and an export that gets them wrong loses accuracy.
     """
     cfg = tiny_config_dict()
     cfg["vision_config"] = {**cfg["vision_config"], "window_size": 56}
+    cfg["text_config"] = {
+        **cfg["text_config"],
+        "rope_parameters": {**cfg["text_config"]["rope_parameters"], "rope_theta": 10.0},
+    }
     return cfg

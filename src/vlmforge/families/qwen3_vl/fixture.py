@@ -106,6 +106,17 @@ def write_fixture(out_dir: Path, seed: int = 0) -> Path:
 
 
 def trained_config_dict() -> dict:
-    """The config of the trained fixture (`vlmforge.fixtures.train`): the tiny config unchanged
-    (DeepStack at vision blocks 0 and 2, interleaved MRoPE, GQA, merge 2)."""
-    return tiny_config_dict()
+    """The config of the trained fixture (`vlmforge.fixtures.train`): the tiny config (DeepStack at vision
+    blocks 0 and 2, interleaved MRoPE, GQA, merge 2) with rope_theta 10.
+
+    Why: with head_dim 16 each MRoPE axis gets 2-3 frequency pairs; at theta 5e6 the spatial axes barely
+    rotate, so positions in the image are nearly invisible to the language model. At theta 10 they turn
+    0.1-1 rad per position: the trained model uses the 3-D positions, and an export that gets them wrong
+    loses task accuracy.
+    """
+    cfg = tiny_config_dict()
+    cfg["text_config"] = {
+        **cfg["text_config"],
+        "rope_parameters": {**cfg["text_config"]["rope_parameters"], "rope_theta": 10.0},
+    }
+    return cfg
