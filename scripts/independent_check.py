@@ -43,6 +43,91 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class Graphs:
+    """The three graphs of an artifact set and the HF pieces needed to feed them (no vlmforge code)."""
+
+    def __init__(self, artifacts: Path, checkpoint: Path) -> None:
+        m = json.loads((artifacts / "manifest.json").read_text())
+        for rel, want in m["files"].items():  # the artifact files are the ones the manifest describes
+            assert sha256(artifacts / rel) == want["sha256"], f"{rel} does not match the manifest"
+        for name, want in m["source"]["weights"].items():  # and the checkpoint is the one they were built from
+            assert sha256(checkpoint / name) == want, f"checkpoint {name} differs from the manifest"
+        self.m = m
+        comps = m["components"]
+        self.sess = {k: ort.InferenceSession(str(artifacts / c["file"]), providers=["CPUExecutionProvider"]) for k, c in comps.items()}
+        dec_in = {t["name"]: t for t in comps["decoder"]["inputs"]}
+        self.layers = sorted({int(n.split(".")[1]) for n in dec_in if n.startswith("past_key_values.")})
+        self.kv_heads, self.head_dim = dec_in["past_key_values.0.key"]["shape"][1], dec_in["past_key_values.0.key"]["shape"][3]
+        self.deep = "deepstack_embeds" in dec_in
+        self.size = comps["vision"]["image_size"]
+        cls = getattr(transformers, {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}[m["family"]])
+        self.model = cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True).eval()
+        self.tok = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+        self.proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
+        eos = m["token_ids"]["eos"]
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+
+    def inputs(self, image, prompt: str):
+        s = self.size
+        pix = self.proc(images=[image], size={"shortest_edge": s * s, "longest_edge": s * s}, return_tensors="pt")
+        pv, grid = pix["pixel_values"].float(), pix["image_grid_thw"]
+        n_tok = int(grid.prod()) // (self.model.config.vision_config.spatial_merge_size ** 2)
+        text = self.tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                                            add_generation_prompt=True, tokenize=False)
+        image_id = self.m["token_ids"]["image"]
+        text = text.replace(self.tok.decode([image_id]), self.tok.decode([image_id]) * n_tok, 1)
+        ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
+        return ids, pv, grid, n_tok
+
+    def hf_generate(self, ids, pv, grid, tokens: int, min_tokens: int) -> list[int]:
+        mm = (ids == self.m["token_ids"]["image"]).long()
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+                                      mm_token_type_ids=mm, max_new_tokens=tokens, min_new_tokens=min_tokens, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()
+
+    def onnx_generate(self, ids, pv, grid, tokens: int, min_tokens: int) -> list[int]:
+        """Greedy through the three graphs; positions from HF's own get_rope_index; stops at EOS after min_tokens."""
+        mm = (ids == self.m["token_ids"]["image"]).long()
+        with torch.no_grad():
+            pos, deltas = self.model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
+        s = self.sess
+        vis = dict(zip([o.name for o in s["vision"].get_outputs()],
+                       s["vision"].run(None, {"pixel_values": pv.numpy(), "image_grid_thw": grid.numpy()})))
+        hidden = vis["image_features"].shape[1]
+        n_deep = len(vis["deepstack_features"]) if self.deep else 0
+
+        def embed(input_ids, feats, deep):
+            feed = {"input_ids": input_ids, "image_features": feats}
+            if self.deep:
+                feed["deepstack_features"] = deep
+            return dict(zip([o.name for o in s["embedding"].get_outputs()], s["embedding"].run(None, feed)))
+
+        emb = embed(ids.numpy(), vis["image_features"], vis.get("deepstack_features"))
+        feed = {"inputs_embeds": emb["inputs_embeds"], "attention_mask": np.ones(ids.shape, np.int64), "position_ids": pos.numpy(),
+                **{f"past_key_values.{i}.{k}": np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for i in self.layers for k in ("key", "value")}}
+        if self.deep:
+            feed["deepstack_embeds"] = emb["deepstack_embeds"]
+        ours, total = [], ids.shape[1]
+        for step in range(tokens):
+            out = dict(zip([o.name for o in s["decoder"].get_outputs()], s["decoder"].run(None, feed)))
+            logits = out["logits"][0, -1].copy()
+            if step < min_tokens:  # as HF min_new_tokens: EOS suppressed until the length is reached
+                logits[list(self.eos)] = -np.inf
+            nxt = int(logits.argmax())
+            ours.append(nxt)
+            if nxt in self.eos:
+                break
+            total += 1
+            e = embed(np.array([[nxt]], np.int64), np.zeros((0, hidden), np.float32), np.zeros((n_deep, 0, hidden), np.float32))
+            feed = {"inputs_embeds": e["inputs_embeds"], "attention_mask": np.ones((1, total), np.int64),
+                    "position_ids": np.full((3, 1, 1), (total - 1) + int(deltas[0, 0]), np.int64),
+                    **{f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in self.layers for k in ("key", "value")}}
+            if self.deep:
+                feed["deepstack_embeds"] = np.zeros((n_deep, 1, 1, hidden), np.float32)
+        return ours
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", type=Path)
@@ -50,74 +135,12 @@ def main() -> int:
     ap.add_argument("--prompt", default="What do you see in this picture? Answer in detail.")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-
-    m = json.loads((args.artifacts / "manifest.json").read_text())
-    for rel, want in m["files"].items():  # the artifact files are the ones the manifest describes
-        assert sha256(args.artifacts / rel) == want["sha256"], f"{rel} does not match the manifest"
-    for name, want in m["source"]["weights"].items():  # and the checkpoint is the one they were built from
-        assert sha256(args.checkpoint / name) == want, f"checkpoint {name} differs from the manifest"
-
-    comps = m["components"]
-    sess = {k: ort.InferenceSession(str(args.artifacts / c["file"]), providers=["CPUExecutionProvider"]) for k, c in comps.items()}
-    dec_in = {t["name"]: t for t in comps["decoder"]["inputs"]}
-    layers = sorted({int(n.split(".")[1]) for n in dec_in if n.startswith("past_key_values.")})
-    kv_heads, head_dim = dec_in["past_key_values.0.key"]["shape"][1], dec_in["past_key_values.0.key"]["shape"][3]
-    deep = "deepstack_embeds" in dec_in
-    size = comps["vision"]["image_size"]
-
-    cls = getattr(transformers, {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}[m["family"]])
-    model = cls.from_pretrained(str(args.checkpoint), dtype=torch.float32, use_safetensors=True).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(args.checkpoint))
-    proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(args.checkpoint))
-
-    pix = proc(images=[own_image()], size={"shortest_edge": size * size, "longest_edge": size * size}, return_tensors="pt")
-    pv, grid = pix["pixel_values"].float(), pix["image_grid_thw"]
-    n_tok = int(grid.prod()) // (model.config.vision_config.spatial_merge_size ** 2)
-    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}],
-                                   add_generation_prompt=True, tokenize=False)
-    image_id = m["token_ids"]["image"]
-    text = text.replace(tok.decode([image_id]), tok.decode([image_id]) * n_tok, 1)
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    mm = (ids == image_id).long()
-
-    with torch.no_grad():
-        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
-                            mm_token_type_ids=mm, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
-        pos, deltas = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
-    hf_tokens = hf[0, ids.shape[1]:].tolist()
-
-    vis = dict(zip([o.name for o in sess["vision"].get_outputs()],
-                   sess["vision"].run(None, {"pixel_values": pv.numpy(), "image_grid_thw": grid.numpy()})))
-    emb_feed = {"input_ids": ids.numpy(), "image_features": vis["image_features"]}
-    if deep:
-        emb_feed["deepstack_features"] = vis["deepstack_features"]
-    emb = dict(zip([o.name for o in sess["embedding"].get_outputs()], sess["embedding"].run(None, emb_feed)))
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32) for i in layers for k in ("key", "value")}
-    feed = {"inputs_embeds": emb["inputs_embeds"], "attention_mask": np.ones(ids.shape, np.int64), "position_ids": pos.numpy(), **past}
-    if deep:
-        feed["deepstack_embeds"] = emb["deepstack_embeds"]
-    eos = m["token_ids"]["eos"]
-    eos = set(eos if isinstance(eos, list) else [eos])
-    ours, total = [], ids.shape[1]
-    for step in range(args.tokens):
-        out = dict(zip([o.name for o in sess["decoder"].get_outputs()], sess["decoder"].run(None, feed)))
-        logits = out["logits"][0, -1].copy()
-        if step < args.tokens:  # same as HF min_new_tokens: EOS suppressed until the length is reached
-            logits[list(eos)] = -np.inf
-        nxt = int(logits.argmax())
-        ours.append(nxt)
-        total += 1
-        e = sess["embedding"].run(None, {"input_ids": np.array([[nxt]], np.int64), "image_features": np.zeros((0, vis["image_features"].shape[1]), np.float32),
-                                         **({"deepstack_features": np.zeros((len(vis["deepstack_features"]), 0, vis["image_features"].shape[1]), np.float32)} if deep else {})})
-        p = (total - 1) + int(deltas[0, 0])
-        feed = {"inputs_embeds": e[0], "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": np.full((3, 1, 1), p, np.int64),
-                **{f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in layers for k in ("key", "value")}}
-        if deep:
-            feed["deepstack_embeds"] = np.zeros((len(vis["deepstack_features"]), 1, 1, e[0].shape[-1]), np.float32)
-
+    g = Graphs(args.artifacts, args.checkpoint)
+    ids, pv, grid, n_tok = g.inputs(own_image(), args.prompt)
+    hf_tokens = g.hf_generate(ids, pv, grid, args.tokens, args.tokens)
+    ours = g.onnx_generate(ids, pv, grid, args.tokens, args.tokens)
     same = sum(a == b for a, b in zip(ours, hf_tokens))
-    print(f"family {m['family']}, image {size}px, {n_tok} image tokens, prompt {ids.shape[1]} tokens")
+    print(f"family {g.m['family']}, image {g.size}px, {n_tok} image tokens, prompt {ids.shape[1]} tokens")
     print(f"HF generate : {hf_tokens}")
     print(f"ONNX graphs : {ours}")
     print(f"{same}/{len(hf_tokens)} tokens identical")
