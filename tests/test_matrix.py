@@ -35,15 +35,19 @@ def run_cli(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_default_matrix_is_five_cells_with_distinct_directories(tmp_path):
+def test_default_matrix_covers_families_precisions_and_trained_fixtures(tmp_path):
     plan = plan_matrix(RECIPES, "default", [f"out_dir={tmp_path}"])
     names = [c.name for c in plan.cells]
-    assert names == ["qwen2_5_vl_small", "qwen2_5_vl_large", "qwen3_vl_small", "qwen3_vl_large",
-                     "qwen3_vl_small_nodeepstack"]
+    assert names == ["qwen2_5_vl_small", "qwen2_5_vl_large", "qwen2_5_vl_small_fp16", "qwen2_5_vl_small_int4",
+                     "qwen3_vl_small", "qwen3_vl_large", "qwen3_vl_small_fp16", "qwen3_vl_small_int4",
+                     "qwen3_vl_small_nodeepstack", "trained_qwen2_5_vl_fp32", "trained_qwen2_5_vl_int4",
+                     "trained_qwen3_vl_fp32", "trained_qwen3_vl_int4"]
     dirs = {c.name: os.path.relpath(c.directory, tmp_path) for c in plan.cells}
     assert dirs["qwen3_vl_small_nodeepstack"] == "tiny-qwen3_vl/fp32-384-nodeepstack"
     assert dirs["qwen2_5_vl_large"] == "tiny-qwen2_5_vl/fp32-672"
-    assert len(set(dirs.values())) == 5 and plan.in_process
+    assert dirs["qwen2_5_vl_small_int4"] == "tiny-qwen2_5_vl/int4-392"
+    assert dirs["trained_qwen3_vl_int4"] == "trained-qwen3_vl/int4-128"
+    assert len(set(dirs.values())) == len(names) and plan.in_process
     assert all(c.log == str(tmp_path / "logs" / f"{c.name}.log") for c in plan.cells)
 
 
