@@ -67,6 +67,7 @@ def export_module(
             ) from exc
         model = onnx.load(str(tmp_file), load_external_data=True)
         if contract is not None:
+            _check_input_names(model, contract, out_path)
             stamp_contract_dims(model, contract)
         save_model(model, out_path)
     return out_path
@@ -103,6 +104,19 @@ def _numel(t: onnx.TensorProto) -> int:
     for d in t.dims:
         n *= d
     return n
+
+
+def _check_input_names(model: onnx.ModelProto, contract, out_path: Path) -> None:
+    """The exporter may prune an input the graph does not use (the fixed-shape vision graph ignores
+    `image_grid_thw`); runtimes such as onnxruntime-genai still feed it, so a pruned input is an error."""
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if names != contract.input_names:
+        raise ExportError(
+            f"{contract.stage} graph inputs are {names}; the contract (and the runtimes) need {contract.input_names}",
+            where=str(out_path),
+            fix="this is a vlmforge bug: the exporter pruned or renamed an input the runtime feeds",
+        )
 
 
 def stamp_contract_dims(model: onnx.ModelProto, contract) -> None:
