@@ -313,3 +313,63 @@ def test_pipeline_runs_qwen3_vl_with_deepstack(qwen3_384, images):
     tokens = [t for t in tokens if t not in q3.ids.eos]
     assert text == q3.tokenizer.decode(tokens, skip_special_tokens=True)
     assert q3.generate_batch(["Hi.", "Describe this image in detail."], images=[[], images[:1]], max_new_tokens=N_TOKENS)[1] == text
+
+
+def test_host_binding_fast_and_public_paths_agree(pipe):
+    """The pybind-level binding (the runtime's default) and onnxruntime's public wrappers bind the same
+    memory: identical logits and presents from one decoder step."""
+    from vlmforge.runtime.hostbind import HostBinding
+
+    lay = pipe.engine.layout
+    rng = np.random.default_rng(3)
+    past = 7
+    feeds = {"inputs_embeds": rng.standard_normal((1, 1, lay.hidden), dtype=np.float32),
+             "attention_mask": np.ones((1, past + 1), np.int64),
+             "position_ids": np.full((3, 1, 1), past, np.int64)}
+    for i in range(lay.num_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, lay.kv_heads, past, lay.head_dim),
+                                                                      dtype=np.float32)
+    want = pipe.engine.decoder.session.run(None, feeds)
+    names = [o.name for o in pipe.engine.decoder.session.get_outputs()]
+    for fast in (True, False):
+        host = HostBinding(pipe.engine.decoder.session, fast=fast)
+        assert host.fast is fast
+        outs = {n: np.full(w.shape, np.nan, w.dtype) for n, w in zip(names, want)}
+        for name, arr in feeds.items():
+            host.bind_input(name, host.value(arr))
+        for name, arr in outs.items():
+            host.bind_output(name, host.value(arr))
+        host.run()
+        for name, w in zip(names, want):
+            assert np.array_equal(outs[name], w), (fast, name)
+
+
+def test_decode_steps_after_a_run_of_another_shape(pipe):
+    """A multi-token run() between decode steps rebinds the decoder's inputs_embeds; the next decode
+    step must bind the embedding output buffer again (checked against the numpy mode)."""
+    ids = np.asarray(pipe.tokenizer("mixed steps", add_special_tokens=False)["input_ids"])
+    got = {}
+    for mode in ("numpy", "preallocated"):
+        state = prefill(pipe.engine, [PromptInputs(ids)], pipe.ids, max_new_tokens=8, kv_mode=mode)
+        dec, n = state.decoder, len(ids)
+        out = [dec.decode([5], np.ones((1, n + 1), np.int64), np.full((1, 1, 1), n))[0, -1].copy()]
+        embeds, _ = pipe.engine.embed(np.array([[9, 11]]), None, None)
+        pos = np.arange(n + 1, n + 3).reshape(1, 1, 2).repeat(3, 0)
+        out.append(dec.run(embeds, np.ones((1, n + 3), np.int64), pos)[0, -1].copy())
+        out.append(dec.decode([13], np.ones((1, n + 4), np.int64), np.full((1, 1, 1), n + 3))[0, -1].copy())
+        got[mode] = np.stack(out)
+    assert np.array_equal(got["numpy"], got["preallocated"])
+
+
+def test_kv_modes_agree_with_deepstack(qwen3_384):
+    """Qwen3-VL: the bound decode path (embedding outputs, deepstack_embeds included, written straight
+    into the decoder's inputs) gives the numpy path's logits."""
+    q3 = Pipeline.load(qwen3_384.directory)
+    ids = np.asarray(q3.tokenizer("deepstack decode", add_special_tokens=False)["input_ids"])
+    runs = {}
+    for mode in ("numpy", "ortvalue", "preallocated"):
+        state = prefill(q3.engine, [PromptInputs(ids)], q3.ids, max_new_tokens=5, kv_mode=mode)
+        runs[mode] = np.stack([state.logits[0].copy()] + [state.step([t])[0].copy() for t in (3, 30, 300, 8)])
+    assert np.array_equal(runs["numpy"], runs["preallocated"])
+    assert np.array_equal(runs["numpy"], runs["ortvalue"])

@@ -105,7 +105,11 @@ class DecodeState:
                  logits: np.ndarray, stats: GenerationStats) -> None:
         self.engine = engine
         self.decoder = decoder
-        self.mask = mask
+        # The attention mask lives in one buffer at the cache's capacity; `mask` is the view of the
+        # columns so far (a contiguous one for batch 1, bound to the decoder without a copy).
+        self._mask_buf = np.zeros((mask.shape[0], max(decoder.capacity, mask.shape[1])), np.int64)
+        self._mask_buf[:, :mask.shape[1]] = mask
+        self.mask = self._mask_buf[:, :mask.shape[1]]
         self.deltas = deltas
         self.logits = logits  # [B, V] float32
         self.stats = stats
@@ -120,12 +124,15 @@ class DecodeState:
     def step(self, tokens) -> np.ndarray:
         """Feed one token per row; returns (and keeps) the new last-position logits [B, V]."""
         t = time.perf_counter()
-        tokens = np.asarray(tokens, np.int64).reshape(-1, 1)
-        embeds, _ = self.engine.embed(tokens, None, None)
-        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], 1)
-        positions = np.broadcast_to(self._next_position[None], (3, *self._next_position.shape))
+        n = self.mask.shape[1]
+        if n < self._mask_buf.shape[1]:
+            self._mask_buf[:, n] = 1
+            self.mask = self._mask_buf[:, :n + 1]
+        else:  # past the capacity: the decoder refuses the step with a clear error
+            self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], 1)
+        positions = self._next_position[None]  # [1, B, 1]: broadcast to the 3 MRoPE axes by the decoder
         self._next_position = self._next_position + 1
-        logits = self.decoder.run(embeds, self.mask, positions, None)
+        logits = self.decoder.decode(tokens, self.mask, positions)
         self.logits = logits[:, -1].astype(np.float32)
         self.stats.decode_s += time.perf_counter() - t
         self.stats.decode_steps += 1
@@ -164,7 +171,7 @@ def prefill(
     )
     seq = input_ids.shape[1]
     decoder = BoundDecoder(engine.decoder, engine.layout, batch=len(rows), capacity=seq + max(max_new_tokens, 0),
-                           mode=kv_mode, device=device)
+                           mode=kv_mode, device=device, embedding=engine.embedding)
     chunk = max(int(prefill_chunk), 1)
     for a in range(0, seq, chunk):
         b = min(seq, a + chunk)
