@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from vlmforge.exporters.onnx_export import save_model
-from vlmforge.transforms.graph import topological_sort, upstream_nodes
+from vlmforge.transforms.graph import load_graph, topological_sort, upstream_nodes
 
 FP32_OPS = (
     "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div",
@@ -45,7 +45,7 @@ def rotary_nodes(model: onnx.ModelProto) -> set[str]:
 def cast_fp16(src: Path, dst: Path, *, fp16_io: bool = False) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src), load_external_data=True)
+    model = load_graph(src)
     blocked_nodes = sorted(rotary_nodes(model))
     converted = convert_float_to_float16(
         model,

@@ -1,8 +1,60 @@
-"""Small graph queries shared by the transforms."""
+"""Small graph queries shared by the transforms, and loading a graph with its external data."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    """`path` with every initializer's external data read in.
+
+    The transforms read the FP32 stage from the build's scratch folder, whose files are hardlinks into
+    the stage cache (no copy of several GB per build). `onnx.load(load_external_data=True)` refuses
+    external data files with more than one hard link (its guard against hardlink attacks on untrusted
+    models), so the data is read here instead, with the same containment rule: a location must name a
+    file inside the graph's own folder.
+    """
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    base = path.parent.resolve()
+    handles: dict[Path, object] = {}
+    try:
+        for tensor in _tensors(model.graph):
+            if not uses_external_data(tensor):
+                continue
+            info = ExternalDataInfo(tensor)
+            file = (base / info.location).resolve()
+            if file.parent != base or not file.is_file():
+                raise ValueError(f"external data {info.location!r} of tensor {tensor.name!r} in {path} is not a "
+                                 f"file in {base}")
+            fh = handles.get(file) or handles.setdefault(file, open(file, "rb"))
+            fh.seek(info.offset or 0)
+            data = fh.read(info.length) if info.length else fh.read()
+            if info.length and len(data) != info.length:
+                raise ValueError(f"external data of tensor {tensor.name!r} in {path} is truncated ({file.name})")
+            tensor.raw_data = data
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return model
+
+
+def _tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _tensors(g)
 
 
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:

@@ -14,7 +14,7 @@ import onnx
 
 from vlmforge.errors import RecipeError
 from vlmforge.exporters.onnx_export import save_model
-from vlmforge.transforms.graph import initializer_shapes, weight_matmuls
+from vlmforge.transforms.graph import initializer_shapes, load_graph, weight_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def quantize_int4(src: Path, dst: Path, cfg, *, vocab: int | None = None, stage:
         MatMulNBitsQuantizer,
     )
 
-    model = onnx.load(str(src), load_external_data=True)
+    model = load_graph(src)
     candidates = weight_matmuls(model)
     lm_head = _lm_head(model, vocab)
     excluded = {n.name: "lm_head kept float (precision.int4.quantize_lm_head=false)" for n, _ in candidates
