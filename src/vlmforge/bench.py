@@ -50,24 +50,19 @@ MID_VISION = {"hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "
 
 # -- artifact sets ------------------------------------------------------------------------------------------
 def ensure_build(overrides: list[str], recipes: Path) -> tuple[Path, Path]:
-    """(artifact directory, source checkpoint folder) of a recipe; built unless a complete artifact set
-    built from the same source weights exists."""
-    from vlmforge.build import artifact_dir, run_build
+    """(artifact directory, source checkpoint folder) of a recipe, built by `run_build` every time: its
+    stage cache (keyed by weights, recipe and the exporter code) makes an unchanged set cheap, and a
+    changed exporter is never benchmarked through stale graphs."""
+    from vlmforge.build import run_build
     from vlmforge.cli import compose
-    from vlmforge.config import resolve_image_size
-    from vlmforge.manifest import read_manifest
     from vlmforge.registry import get_family
     from vlmforge.source import open_source
 
     cfg = compose(overrides, recipes)
     family = get_family(cfg.model.family)
-    final = artifact_dir(cfg, resolve_image_size(cfg.vision.size, family, "bench"))
     source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir), "bench")
-    fresh = (final / "manifest.json").is_file() and read_manifest(final)["source"]["weights"] == source.weight_files
-    if not fresh:
-        log.info("building %s (%s)", final, " ".join(overrides))
-        final = run_build(cfg).directory
-    return final, source.path
+    log.info("building %s", " ".join(overrides))
+    return run_build(cfg).directory, source.path
 
 
 def mid_checkpoint(cache_dir: Path, layers: int, vision_depth: int) -> Path:
@@ -121,7 +116,7 @@ def bench_runtime(directory: Path, image: str, tokens: int, repeats: int, kv_mod
     from vlmforge.runtime.pipeline import Pipeline, SamplingParams
 
     pipe = Pipeline.load(directory, threads=threads)
-    runs = {m: {"vision": [], "ttft": [], "decode": []} for m in kv_modes}
+    runs = {m: {"vision": [], "ttft": [], "prefill": [], "decode": []} for m in kv_modes}
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     for _ in range(repeats):
         for mode in kv_modes:
@@ -129,16 +124,19 @@ def bench_runtime(directory: Path, image: str, tokens: int, repeats: int, kv_mod
             list(pipe.stream(PROMPT, [image], max_new_tokens=1))
             runs[mode]["vision"].append(pipe.last_stats.vision_s)
             runs[mode]["ttft"].append(pipe.last_stats.ttft_s)
+            runs[mode]["prefill"].append(pipe.last_stats.prefill_s)
             prep = pipe._prepare(messages, [image], SamplingParams(max_new_tokens=tokens), "bench")
             state = prefill(pipe.engine, [prep.inputs], pipe.ids, max_new_tokens=tokens, kv_mode=mode)
             t = time.perf_counter()
             for _ in range(tokens - 1):
                 state.step(np.argmax(state.logits, axis=-1))
             runs[mode]["decode"].append((tokens - 1) / (time.perf_counter() - t))
+    prompt_tokens = pipe.last_stats.prompt_tokens
     del pipe
     gc.collect()
     return [{"variant": "vlmforge runtime", "kv_mode": m, "threads": threads, "vision_ms": min(r["vision"]) * 1e3,
-             "ttft_ms": min(r["ttft"]) * 1e3, "decode_tok_s": max(r["decode"]), "step_ms_at_past": {}}
+             "ttft_ms": min(r["ttft"]) * 1e3, "prefill_ms": min(r["prefill"]) * 1e3, "decode_tok_s": max(r["decode"]),
+             "prompt_tokens": prompt_tokens, "step_ms_at_past": {}}
             for m, r in runs.items()]
 
 
@@ -223,6 +221,42 @@ def bench_eager(source: Path, image_size: int, image: str, tokens: int, repeats:
     return row
 
 
+def bench_vision(directory: Path, source: Path, image: str, repeats: int) -> dict:
+    """The vision graph through onnxruntime (all cores) vs the PyTorch vision tower
+    (`get_image_features`), on the same pixel values from HF's image processor, alternating run by run;
+    best of `repeats` each, and the largest difference between their features."""
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+
+    from vlmforge.manifest import read_manifest
+    from vlmforge.runtime.engine import Graph
+    from vlmforge.runtime.preprocess import load_image
+
+    size = read_manifest(directory)["components"]["vision"]["image_size"]
+    proc = Qwen2VLImageProcessorPil.from_pretrained(str(source))
+    px = proc(images=[load_image(image).resize((size, size))], return_tensors="pt",
+              size={"shortest_edge": size**2, "longest_edge": size**2})
+    model = load_eager(source)
+    graph = Graph(directory / "vision.onnx")
+    feeds = {"pixel_values": px["pixel_values"].numpy(), "image_grid_thw": px["image_grid_thw"].numpy()}
+    ort_s, torch_s = [], []
+    with torch.inference_mode():
+        for i in range(repeats + 1):  # the first round is a warm-up
+            t = _timed(lambda: graph.run(feeds))
+            u = _timed(lambda: model.model.get_image_features(px["pixel_values"], px["image_grid_thw"]))
+            if i:
+                ort_s.append(t)
+                torch_s.append(u)
+        ours = graph.run(feeds)["image_features"]
+        ref = model.model.get_image_features(px["pixel_values"], px["image_grid_thw"])
+        ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
+        ref = torch.cat(list(ref), 0) if isinstance(ref, (list, tuple)) else ref
+    del model, graph
+    gc.collect()
+    return {"image_size": size, "onnxruntime_ms": min(ort_s) * 1e3, "pytorch_ms": min(torch_s) * 1e3,
+            "ratio": min(torch_s) / min(ort_s), "max_abs_diff": float(np.max(np.abs(ours - ref.float().numpy())))}
+
+
 def eager_stepper(model, past: int):
     """One decode step of the HF model per call, from a random DynamicCache of `past` tokens."""
     import torch
@@ -296,6 +330,62 @@ def genai_stepper(model, past: int, steps: int):
     return gen.generate_next_token
 
 
+def genai_builder(source: Path, precision: str, cache_dir: Path) -> tuple[Path | None, str]:
+    """onnxruntime-genai's own model builder run on the source checkpoint (`-p int4 -e cpu`, its defaults:
+    block 32, accuracy level 4, GroupQueryAttention, quantized tied embedding / LM head). For Qwen2.5-VL
+    it builds the text decoder only (type `qwen2_5_vl_text`, token ids in). Built once per source and
+    onnxruntime-genai version; (folder, "") or (None, why not)."""
+    import subprocess
+
+    import onnxruntime_genai as og
+
+    out = Path(cache_dir) / "bench" / "genai-builder" / f"{Path(source).name}-{precision}-{og.__version__}"
+    if (out / "genai_config.json").is_file():
+        return out, ""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    log_file = out.with_name(out.name + ".log")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(tmp),
+           "-p", precision, "-e", "cpu", "-c", str(out.parent / "cache")]
+    log.info("building the onnxruntime-genai builder's %s model (log: %s)", precision, log_file)
+    with open(log_file, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not (tmp / "genai_config.json").is_file():
+        return None, f"the builder failed (exit {rc}); see {log_file}"
+    tmp.rename(out)
+    return out, ""
+
+
+def bench_genai_builder(folder: Path, prompt_tokens: int, tokens: int, repeats: int, precision: str) -> dict:
+    """Prefill of `prompt_tokens` random text tokens (the length of the runtime's image prompt; the
+    builder's Qwen2.5-VL model has no vision), then `tokens` decode steps."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    rng = np.random.default_rng(0)
+    prefill_s, decode = [], []
+    for _ in range(repeats):
+        params = og.GeneratorParams(model)
+        total = prompt_tokens + tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(model, params)
+        start = time.perf_counter()
+        gen.append_tokens(rng.integers(0, 400, prompt_tokens).astype(np.int32))
+        gen.generate_next_token()
+        first = time.perf_counter()
+        prefill_s.append(first - start)
+        for _ in range(tokens - 1):
+            gen.generate_next_token()
+        decode.append((tokens - 1) / (time.perf_counter() - first))
+        del gen
+    del model
+    gc.collect()
+    return {"variant": f"onnxruntime-genai builder {precision.upper()}", "vision_ms": None, "ttft_ms": None,
+            "prefill_ms": min(prefill_s) * 1e3, "decode_tok_s": max(decode), "step_ms_at_past": {},
+            "threads": max(1, (os.cpu_count() or 2) // 2), "builder_dir": str(folder),
+            "note": f"text decoder only (no vision): prefill of {prompt_tokens} random tokens + first token"}
+
+
 def measure_steps(steppers: dict, steps: int, burst: int = 3) -> dict:
     """Median seconds per step of each stepper, round robin in bursts so that load from other processes
     falls on all of them alike; the first call of each is a warm-up."""
@@ -309,7 +399,8 @@ def measure_steps(steppers: dict, steps: int, burst: int = 3) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: bool) -> dict:
+def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: bool,
+                   builder: Path | None = None) -> dict:
     """{(variant, kv_mode, threads): {past: ms}}. Phase 1: the runtime (all cores, every KV mode), PyTorch
     eager and genai, interleaved; phase 2: the runtime at genai's thread count against genai again."""
     import onnxruntime_genai as og
@@ -318,6 +409,8 @@ def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: b
 
     genai_model = og.Model(str(directory)) if (directory / "genai_config.json").is_file() else None
     genai = {p: genai_stepper(genai_model, p, 3 * steps) for p in pasts} if genai_model else {}
+    builder_model = og.Model(str(builder)) if builder else None
+    built = {p: genai_stepper(builder_model, p, 3 * steps) for p in pasts} if builder_model else {}
     out: dict = {}
     pipe = Pipeline.load(directory)
     model = load_eager(source) if eager else None
@@ -327,6 +420,8 @@ def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: b
             steppers[("PyTorch eager", None, None)] = eager_stepper(model, past)
         if past in genai:
             steppers[("onnxruntime-genai", None, 1)] = genai[past]
+        if past in built:
+            steppers[("onnxruntime-genai builder", None, 1)] = built[past]
         for key, sec in measure_steps(steppers, steps).items():
             out.setdefault(key, {})[past] = sec * 1e3
     del pipe, model
@@ -338,10 +433,12 @@ def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: b
             steppers = {("vlmforge runtime", "preallocated", threads): runtime_stepper(pipe, past, steps, "preallocated")}
             if past in genai:
                 steppers[("onnxruntime-genai", None, "phase 2")] = genai[past]
+            if past in built:
+                steppers[("onnxruntime-genai builder", None, "phase 2")] = built[past]
             for key, sec in measure_steps(steppers, steps).items():
                 out.setdefault(key, {})[past] = sec * 1e3
         del pipe
-    del genai, genai_model
+    del genai, genai_model, built, builder_model
     gc.collect()
     return out
 
@@ -363,7 +460,7 @@ def _fmt(x, spec: str = ".1f") -> str:
 
 def print_table(title: str, rows: list[dict], pasts=()) -> None:
     print(f"\n## {title}")
-    head = ["variant", "precision", "vision ms", "TTFT ms", "decode tok/s"]
+    head = ["variant", "precision", "vision ms", "TTFT ms", "prefill ms", "decode tok/s"]
     for p in pasts:
         head += [f"ms/token @{p}", f"BW share @{p}"]
     print(" | ".join(head))
@@ -374,12 +471,13 @@ def print_table(title: str, rows: list[dict], pasts=()) -> None:
             continue
         name = r["variant"] + (f" (KV {r['kv_mode']}" + (f", {r['threads']} thread(s))" if r.get("threads") else ")")
                                if "kv_mode" in r else "")
-        cells = [name, r.get("precision", ""), _fmt(r["vision_ms"]), _fmt(r["ttft_ms"]), _fmt(r["decode_tok_s"])]
+        cells = [name, r.get("precision", ""), _fmt(r.get("vision_ms")), _fmt(r.get("ttft_ms")), _fmt(r.get("prefill_ms")),
+                 _fmt(r["decode_tok_s"])]
         for p in pasts:
             cells += [_fmt(r["step_ms_at_past"].get(p), ".2f"), _fmt(r.get("bandwidth_share", {}).get(p), ".0%")]
         print(" | ".join(cells))
         if r.get("step_ms_at_past_phase2"):
-            cells = [f"{name}, steps interleaved with the runtime at its thread count", "", "", "", ""]
+            cells = [f"{name}, steps interleaved with the runtime at its thread count", "", "", "", "", ""]
             for p in pasts:
                 cells += [_fmt(r["step_ms_at_past_phase2"].get(p), ".2f"),
                           _fmt(r.get("bandwidth_share_phase2", {}).get(p), ".0%")]
@@ -387,12 +485,12 @@ def print_table(title: str, rows: list[dict], pasts=()) -> None:
 
 
 def _ratio(ours: dict, ref: dict, pasts, with_ttft: bool = True) -> dict:
-    """ref time / our time (> 1: ours is faster)."""
+    """ref time / our time (> 1: ours is faster), for every quantity both rows have."""
     entry = {"decode_tok_s": ours["decode_tok_s"] / ref["decode_tok_s"]}
     if with_ttft:
-        entry["ttft"] = ref["ttft_ms"] / ours["ttft_ms"]
-        if ours["vision_ms"] and ref.get("vision_ms"):
-            entry["vision"] = ref["vision_ms"] / ours["vision_ms"]
+        for key, name in (("ttft_ms", "ttft"), ("prefill_ms", "prefill"), ("vision_ms", "vision")):
+            if ours.get(key) and ref.get(key):
+                entry[name] = ref[key] / ours[key]
     for p in pasts:
         a, b = ours["step_ms_at_past"].get(p), ref["step_ms_at_past"].get(p)
         if a and b:
@@ -401,25 +499,40 @@ def _ratio(ours: dict, ref: dict, pasts, with_ttft: bool = True) -> dict:
 
 
 def ratios(rows: list[dict], pasts=()) -> dict:
-    """The runtime (preallocated KV, all cores) vs eager and vs genai, also at genai's thread count, and
-    the IO-binding KV cache vs plain session.run (FP32 rows)."""
-    def pick(variant, kv_mode="preallocated", threads=0):
+    """Per precision: the runtime (preallocated KV, all cores) vs eager and vs genai on the same artifacts,
+    the runtime at genai's thread count vs genai and vs the genai builder's own model, and the IO-binding
+    KV cache vs plain session.run; plus each lower precision's speed-up over FP32."""
+    def pick(precision, variant, kv_mode="preallocated", threads=0):
         for r in rows:
-            if r["variant"] != variant or r.get("precision") != "fp32" or "skipped" in r:
+            if r["variant"] != variant or r.get("precision") != precision or "skipped" in r:
                 continue
             if variant != "vlmforge runtime" or (r["kv_mode"] == kv_mode and r["threads"] == threads):
                 return r
         return None
 
-    ours, eager, genai = pick("vlmforge runtime"), pick("PyTorch eager"), pick("onnxruntime-genai")
-    single = next((r for r in rows if r["variant"] == "vlmforge runtime" and r.get("threads")), None)
-    genai2 = dict(genai, step_ms_at_past=genai.get("step_ms_at_past_phase2") or genai["step_ms_at_past"]) if genai else None
-    pairs = {"runtime vs PyTorch eager": (ours, eager), "runtime vs onnxruntime-genai": (ours, genai),
-             "runtime vs onnxruntime-genai, same intra-op threads": (single, genai2)}
-    out = {name: _ratio(a, b, pasts) for name, (a, b) in pairs.items() if a and b}
-    base = pick("vlmforge runtime", kv_mode="numpy")
-    if ours and base:
-        out["IO binding (preallocated) vs numpy session.run"] = _ratio(ours, base, pasts, with_ttft=False)
+    def phase2(r):
+        return dict(r, step_ms_at_past=r.get("step_ms_at_past_phase2") or r["step_ms_at_past"]) if r else None
+
+    out = {}
+    precisions = list(dict.fromkeys(r.get("precision") for r in rows if "skipped" not in r))
+    for precision in precisions:
+        ours, eager, genai = (pick(precision, v) for v in ("vlmforge runtime", "PyTorch eager", "onnxruntime-genai"))
+        builder = next((r for r in rows if r["variant"].startswith("onnxruntime-genai builder")
+                        and r.get("precision") == precision and "skipped" not in r), None)
+        single = next((r for r in rows if r["variant"] == "vlmforge runtime" and r.get("threads")
+                       and r.get("precision") == precision), None)
+        pairs = {"runtime vs PyTorch eager": (ours, eager), "runtime vs onnxruntime-genai": (ours, genai),
+                 "runtime vs onnxruntime-genai, same intra-op threads": (single, phase2(genai)),
+                 "runtime vs the onnxruntime-genai builder's model, same intra-op threads": (single, phase2(builder))}
+        for name, (a, b) in pairs.items():
+            if a and b:
+                out[f"{precision}: {name}"] = _ratio(a, b, pasts)
+        base = pick(precision, "vlmforge runtime", kv_mode="numpy")
+        if ours and base:
+            out[f"{precision}: IO binding (preallocated) vs numpy session.run"] = _ratio(ours, base, pasts, with_ttft=False)
+        fp32 = pick("fp32", "vlmforge runtime")
+        if precision != "fp32" and ours and fp32:
+            out[f"{precision} vs fp32: runtime"] = _ratio(ours, fp32, pasts)
     return out
 
 
@@ -430,7 +543,8 @@ def print_ratios(r: dict) -> None:
 
 # -- driver -------------------------------------------------------------------------------------------------------------
 def bench_model(directory: Path, source: Path, image: str, *, precision: str, tokens: int, repeats: int, pasts=(),
-                eager: bool, bandwidths: list[float] | None = None) -> list[dict]:
+                eager: bool, bandwidths: list[float] | None = None, builder: Path | None = None,
+                builder_skip: str = "") -> list[dict]:
     """Rows for one artifact set. With `pasts`: decode steps at those past lengths (interleaved across
     variants) and, from the best read bandwidth in `bandwidths` (re-measured here), each variant's share
     of the bandwidth limit."""
@@ -446,13 +560,19 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
     if eager:
         rows.append(bench_eager(source, size, image, tokens, repeats))
     rows.append(bench_genai(directory, image, tokens, repeats))
+    if builder is not None:
+        rows.append(bench_genai_builder(builder, rows[0]["prompt_tokens"], tokens, repeats, _base(precision)))
+    elif builder_skip:
+        rows.append({"variant": f"onnxruntime-genai builder {_base(precision).upper()}", "skipped": builder_skip})
     if pasts:
-        steps = steps_at_pasts(directory, source, pasts, tokens, eager=eager)
+        steps = steps_at_pasts(directory, source, pasts, tokens, eager=eager, builder=builder)
         for r in rows:
             key = (r["variant"], r.get("kv_mode"), r.get("threads") if r["variant"] == "vlmforge runtime" else None)
-            if r["variant"] == "onnxruntime-genai":
-                key = ("onnxruntime-genai", None, 1)
-                r["step_ms_at_past_phase2"] = steps.get(("onnxruntime-genai", None, "phase 2"), {})
+            for genai_variant in ("onnxruntime-genai", "onnxruntime-genai builder"):
+                if r["variant"].startswith(genai_variant) and "skipped" not in r and (
+                        genai_variant != "onnxruntime-genai" or r["variant"] == genai_variant):
+                    key = (genai_variant, None, 1)
+                    r["step_ms_at_past_phase2"] = steps.get((genai_variant, None, "phase 2"), {})
             r["step_ms_at_past"] = steps.get(key, {})
         if bandwidths is not None:
             bandwidths.append(read_bandwidth_gbs(os.cpu_count() or 1))
@@ -467,24 +587,34 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
     return rows
 
 
+def _base(precision: str) -> str:
+    """The builder precision of a recipe name: int4, int4_mixed -> int4; fp32 -> fp32."""
+    return "int4" if precision.startswith("int4") else precision
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vlmforge.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="artifacts/bench.json")
     ap.add_argument("--recipes", default=None)
-    ap.add_argument("--precisions", default="fp32", help="comma-separated recipe names under recipes/precision/")
+    ap.add_argument("--precisions", default="fp32,int4_mixed",
+                    help="comma-separated recipe names under recipes/precision/ (INT4 ones are also compared with "
+                         "the onnxruntime-genai builder's INT4 model of the same checkpoint)")
+    ap.add_argument("--no-builder", action="store_true", help="skip the onnxruntime-genai builder's models")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-mid", action="store_true", help="tiny fixture only")
-    ap.add_argument("--mid-layers", type=int, default=2,
-                    help="decoder layers of the mid model (3+ hits the exporter's 2 GiB protobuf limit today)")
+    ap.add_argument("--mid-layers", type=int, default=2, help="decoder layers of the mid model")
     ap.add_argument("--mid-vision-depth", type=int, default=4)
     ap.add_argument("--pasts", default="256,4096")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every build (repeatable), e.g. --set out_dir=/tmp/a --set cache_dir=/tmp/c")
+    ap.add_argument("--skip-vision-672", action="store_true", help="skip the 672 px vision timing of the mid model")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vlmforge.cli import recipes_dir
+    from vlmforge.cli import compose, recipes_dir
     from vlmforge.fixtures.images import sample_image
 
     recipes = recipes_dir(args.recipes)
@@ -510,23 +640,34 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides = ["model=tiny_qwen2_5_vl", f"precision={precision}"]
             if model_name == "mid":
-                from vlmforge.cli import compose
-
-                ckpt = mid_checkpoint(Path(compose([], recipes).cache_dir), args.mid_layers, args.mid_vision_depth)
+                ckpt = mid_checkpoint(Path(compose(args.set, recipes).cache_dir), args.mid_layers, args.mid_vision_depth)
                 # validate=off: the FP32 gates are absolute (logits max_abs 1e-4, set for the tiny fixture);
                 # this random model's logits reach ~|30|, where ORT-vs-PyTorch FP32 rounding alone gives
                 # 1.5e-4. Speed, not parity, is measured here; parity is gated on the fixtures.
-                overrides += [f"model.checkpoint={ckpt}", f"model.name=bench-qwen2_5_vl-3b-shapes-{args.mid_layers}l",
-                              "validate=off"]
-            directory, source = ensure_build(overrides, recipes)
+                mid_overrides = ["model=tiny_qwen2_5_vl", f"model.checkpoint={ckpt}",
+                                 f"model.name=bench-qwen2_5_vl-3b-shapes-{args.mid_layers}l", "validate=off"]
+                overrides = mid_overrides + [f"precision={precision}"]
+            directory, source = ensure_build(args.set + overrides, recipes)
+            builder, why = None, ""
+            if precision.startswith("int4") and not args.no_builder:
+                builder, why = genai_builder(source, "int4", Path(compose(args.set, recipes).cache_dir))
             rows += bench_model(directory, source, image, precision=precision, tokens=args.tokens, repeats=args.repeats,
                                 pasts=pasts if model_name == "mid" else (), eager=precision == "fp32",
-                                bandwidths=bandwidths if model_name == "mid" else None)
+                                bandwidths=bandwidths if model_name == "mid" else None, builder=builder,
+                                builder_skip=why)
         r = ratios(rows, pasts if model_name == "mid" else ())
         result["models"][model_name] = {"rows": rows, "ratios": r}
+        if model_name == "mid" and not args.skip_vision_672:
+            # the vision target is stated at 672 px: the same weights built at vision=large, vision only
+            large, src = ensure_build(args.set + mid_overrides + ["precision=fp32", "vision=large"], recipes)
+            result["models"][model_name]["vision_672"] = vision = bench_vision(large, src, image, args.repeats)
         print_table(f"{model_name} ({'tiny fixture' if model_name == 'tiny' else 'Qwen2.5-VL-3B shapes, random weights'})",
                     rows, pasts if model_name == "mid" else ())
         print_ratios(r)
+        if "vision_672" in result["models"][model_name]:
+            v = result["models"][model_name]["vision_672"]
+            print(f"  vision at {v['image_size']} px: onnxruntime {v['onnxruntime_ms']:.0f} ms, PyTorch {v['pytorch_ms']:.0f} ms "
+                  f"(x{v['ratio']:.2f}; features max |diff| {v['max_abs_diff']:.1e})")
     result["machine"]["read_bandwidth_gb_s_all"] = bandwidths
     result["machine"]["read_bandwidth_gb_s"] = max(bandwidths)
     result["seconds"] = time.perf_counter() - t0
