@@ -10,7 +10,7 @@ from vlmforge.bench import main
 
 def test_bench_tiny_writes_rows_and_ratios(tmp_path, work_dirs):
     out = tmp_path / "bench.json"
-    rc = main(["--skip-mid", "--repeats", "1", "--tokens", "4", "--out", str(out),
+    rc = main(["--skip-mid", "--repeats", "1", "--tokens", "4", "--tiny-tokens", "8", "--out", str(out),
                "--set", f"out_dir={tmp_path / 'artifacts'}", "--set", f"cache_dir={work_dirs['cache']}"])
     assert rc == 0
     result = json.loads(out.read_text())

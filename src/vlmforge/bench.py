@@ -399,10 +399,26 @@ def measure_steps(steppers: dict, steps: int, burst: int = 3) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def reader(nbytes: int):
+    """A stepper that reads `nbytes` of memory once (torch.sum over float32, all cores): the machine's
+    bandwidth limit for a step that must read that many bytes, timed in the same round robin as the steps."""
+    import torch
+
+    x = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+
+    def step() -> None:
+        torch.set_num_threads(os.cpu_count() or 1)
+        x.sum()
+
+    return step
+
+
 def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: bool,
-                   builder: Path | None = None) -> dict:
+                   builder: Path | None = None, read_bytes: dict | None = None) -> dict:
     """{(variant, kv_mode, threads): {past: ms}}. Phase 1: the runtime (all cores, every KV mode), PyTorch
-    eager and genai, interleaved; phase 2: the runtime at genai's thread count against genai again."""
+    eager and genai, interleaved; phase 2: the runtime at genai's thread count against genai again. With
+    `read_bytes` ({past: bytes a step reads}), each phase also times reading that much memory
+    (("memory read", None, "phase 1" / "phase 2")), the denominator of the bandwidth shares."""
     import onnxruntime_genai as og
 
     from vlmforge.runtime.pipeline import Pipeline
@@ -422,6 +438,8 @@ def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: b
             steppers[("onnxruntime-genai", None, 1)] = genai[past]
         if past in built:
             steppers[("onnxruntime-genai builder", None, 1)] = built[past]
+        if read_bytes:
+            steppers[("memory read", None, "phase 1")] = reader(read_bytes[past])
         for key, sec in measure_steps(steppers, steps).items():
             out.setdefault(key, {})[past] = sec * 1e3
     del pipe, model
@@ -435,6 +453,8 @@ def steps_at_pasts(directory: Path, source: Path, pasts, steps: int, *, eager: b
                 steppers[("onnxruntime-genai", None, "phase 2")] = genai[past]
             if past in built:
                 steppers[("onnxruntime-genai builder", None, "phase 2")] = built[past]
+            if read_bytes:
+                steppers[("memory read", None, "phase 2")] = reader(read_bytes[past])
             for key, sec in measure_steps(steppers, steps).items():
                 out.setdefault(key, {})[past] = sec * 1e3
         del pipe
@@ -468,6 +488,14 @@ def print_table(title: str, rows: list[dict], pasts=()) -> None:
     for r in rows:
         if "skipped" in r:
             print(f"{r['variant']} | {r.get('precision', '')} | skipped: {r['skipped']}")
+            continue
+        if "read_ms_at_past" in r:  # the denominator of the shares, per phase: ms (GB/s)
+            for phase, times in r["read_ms_at_past"].items():
+                cells = [f"{r['variant']}, {phase}", r["precision"], "", "", "", ""]
+                for p in pasts:
+                    ms, gbs = times.get(p), r["read_gb_s"][phase].get(p)
+                    cells += [_fmt(ms, ".2f"), f"{gbs:.1f} GB/s" if gbs else "-"]
+                print(" | ".join(cells))
             continue
         name = r["variant"] + (f" (KV {r['kv_mode']}" + (f", {r['threads']} thread(s))" if r.get("threads") else ")")
                                if "kv_mode" in r else "")
@@ -546,8 +574,9 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
                 eager: bool, bandwidths: list[float] | None = None, builder: Path | None = None,
                 builder_skip: str = "") -> list[dict]:
     """Rows for one artifact set. With `pasts`: decode steps at those past lengths (interleaved across
-    variants) and, from the best read bandwidth in `bandwidths` (re-measured here), each variant's share
-    of the bandwidth limit."""
+    variants) and each variant's share of the bandwidth limit: the time to read the bytes a step must
+    read (decoder weights + KV cache), measured in the same round robin, over the step's time. The
+    best-of read bandwidth in `bandwidths` (re-measured here) gives a second, load-sensitive share."""
     from vlmforge.manifest import read_manifest
 
     manifest = read_manifest(directory)
@@ -565,7 +594,9 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
     elif builder_skip:
         rows.append({"variant": f"onnxruntime-genai builder {_base(precision).upper()}", "skipped": builder_skip})
     if pasts:
-        steps = steps_at_pasts(directory, source, pasts, tokens, eager=eager, builder=builder)
+        read_bytes = {p: bytes_per_step(directory, manifest, p) for p in pasts}
+        steps = steps_at_pasts(directory, source, pasts, tokens, eager=eager, builder=builder, read_bytes=read_bytes)
+        reads = {phase: steps.get(("memory read", None, phase), {}) for phase in ("phase 1", "phase 2")}
         for r in rows:
             key = (r["variant"], r.get("kv_mode"), r.get("threads") if r["variant"] == "vlmforge runtime" else None)
             for genai_variant in ("onnxruntime-genai", "onnxruntime-genai builder"):
@@ -579,11 +610,21 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
     best = max(bandwidths) if bandwidths else None
     for r in rows:
         r["precision"] = precision
-        if best and "skipped" not in r:
-            for suffix in ("", "_phase2"):
-                if f"step_ms_at_past{suffix}" in r:
-                    r[f"bandwidth_share{suffix}"] = {p: bytes_per_step(directory, manifest, p) / (best * 1e9) / (ms / 1e3)
-                                                     for p, ms in r[f"step_ms_at_past{suffix}"].items() if ms}
+        if "skipped" in r or not pasts:
+            continue
+        for suffix in ("", "_phase2"):
+            times = r.get(f"step_ms_at_past{suffix}") or {}
+            phase = "phase 2" if suffix or (r["variant"] == "vlmforge runtime" and r.get("threads")) else "phase 1"
+            r[f"bandwidth_share{suffix}"] = {p: reads[phase][p] / ms for p, ms in times.items()
+                                             if ms and reads[phase].get(p)}
+            if best:
+                r[f"bandwidth_share_vs_best{suffix}"] = {p: read_bytes[p] / (best * 1e9) / (ms / 1e3)
+                                                         for p, ms in times.items() if ms}
+    if pasts:
+        rows.append({"variant": "memory read (the bandwidth limit)", "precision": precision,
+                     "read_bytes": read_bytes, "read_ms_at_past": reads,
+                     "read_gb_s": {ph: {p: read_bytes[p] / (ms / 1e3) / 1e9 for p, ms in v.items()}
+                                   for ph, v in reads.items()}})
     return rows
 
 
@@ -600,7 +641,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated recipe names under recipes/precision/ (INT4 ones are also compared with "
                          "the onnxruntime-genai builder's INT4 model of the same checkpoint)")
     ap.add_argument("--no-builder", action="store_true", help="skip the onnxruntime-genai builder's models")
-    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per run (mid model)")
+    ap.add_argument("--tiny-tokens", type=int, default=256,
+                    help="decode steps timed per run on the tiny fixture (a step is ~0.15 ms: 31 steps are noise)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-mid", action="store_true", help="tiny fixture only")
     ap.add_argument("--mid-layers", type=int, default=2, help="decoder layers of the mid model")
@@ -629,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "read_bandwidth_gb_s": bandwidth,
                           "load_average_at_start": os.getloadavg()},
               "method": "run-level timings are best of --repeats; per-step timings at a past are medians",
-              "tokens": args.tokens, "repeats": args.repeats, "models": {}}
+              "tokens": {"tiny": args.tiny_tokens, "mid": args.tokens}, "repeats": args.repeats, "models": {}}
     print(f"read bandwidth: {bandwidth:.1f} GB/s ({os.cpu_count()} threads, 1 GiB); load average {os.getloadavg()[0]:.2f}")
     precisions = [p for p in args.precisions.split(",") if p]
     for model_name in ("tiny",) + (() if args.skip_mid else ("mid",)):
@@ -651,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             builder, why = None, ""
             if precision.startswith("int4") and not args.no_builder:
                 builder, why = genai_builder(source, "int4", Path(compose(args.set, recipes).cache_dir))
-            rows += bench_model(directory, source, image, precision=precision, tokens=args.tokens, repeats=args.repeats,
+            tokens = args.tiny_tokens if model_name == "tiny" else args.tokens
+            rows += bench_model(directory, source, image, precision=precision, tokens=tokens, repeats=args.repeats,
                                 pasts=pasts if model_name == "mid" else (), eager=precision == "fp32",
                                 bandwidths=bandwidths if model_name == "mid" else None, builder=builder,
                                 builder_skip=why)

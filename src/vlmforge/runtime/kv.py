@@ -96,6 +96,8 @@ class BoundDecoder:
             size = 2 * L * self._segment
             if device == "cpu":  # numpy-owned buffers: views of them become OrtValues cheaply (no copy)
                 self._buffers = [np.empty(size, self.kv_dtype) for _ in range(2)]
+                seg = self._segment  # each buffer's per-layer key/value segments, sliced once
+                self._parts = [[buf[j * seg:(j + 1) * seg] for j in range(2 * L)] for buf in self._buffers]
             else:
                 self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type([size], self.kv_dtype, device, 0) for _ in range(2)]
             self._side = 0  # buffer holding the current past
@@ -302,8 +304,8 @@ class BoundDecoder:
             dst = self._buffers[1 - self._side]
             if self.device == "cpu":
                 n = b * H * total * D
-                seg, shape, value = self._segment, (b, H, total, D), host.value
-                outs = [value(dst[j * seg: j * seg + n].reshape(shape)) for j in range(len(self._names))]
+                shape, value = (b, H, total, D), host.value
+                outs = [value(part[:n].reshape(shape)) for part in self._parts[1 - self._side]]
                 if self._past_views is None:
                     self._empty_past = np.zeros((b, H, 0, D), self.kv_dtype)
                     self._past_views = [value(self._empty_past)] * len(self._names)
