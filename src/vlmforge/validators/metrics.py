@@ -1,6 +1,8 @@
 """Comparison metrics between two tensors and the gate that turns recipe tolerances into checks.
 
-A tolerance is a dict of metric -> bound. Error metrics (max_abs, mean_abs) are upper bounds; agreement
+A tolerance is a dict of metric -> bound. Error metrics (max_abs, max_rel, mean_abs) are upper bounds;
+max_rel is max_abs over the reference's largest magnitude (the error at the output's own scale: FP32
+rounding between two correct implementations grows with it); agreement
 metrics (cosine, top1, top5, token_match) are lower bounds. Every metric is computed and recorded in the
 check's detail; only the ones the recipe names gate the build.
 """
@@ -11,22 +13,23 @@ import numpy as np
 
 from vlmforge.validators.results import CheckResult, at_least, at_most
 
-UPPER = ("max_abs", "mean_abs", "accuracy_drop")
+UPPER = ("max_abs", "max_rel", "mean_abs", "accuracy_drop")
 LOWER = ("cosine", "mean_cosine", "top1", "top5", "token_match", "answer_agreement")
 
 
 def metrics(got: np.ndarray, want: np.ndarray, logits: bool = False) -> dict[str, float]:
     if got.shape != want.shape:
-        return {"max_abs": float("inf"), "mean_abs": float("inf"), "cosine": -1.0, "mean_cosine": -1.0, "top1": 0.0, "top5": 0.0}
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "mean_abs": float("inf"), "cosine": -1.0, "mean_cosine": -1.0, "top1": 0.0, "top5": 0.0}
     if got.size == 0:
-        return {"max_abs": 0.0, "mean_abs": 0.0, "cosine": 1.0, "mean_cosine": 1.0, "top1": 1.0, "top5": 1.0}
+        return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "cosine": 1.0, "mean_cosine": 1.0, "top1": 1.0, "top5": 1.0}
     a = got.astype(np.float64).reshape(-1, got.shape[-1])
     b = want.astype(np.float64).reshape(-1, want.shape[-1])
     diff = np.abs(a - b)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cos = np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-300), 1.0)
-    out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": float(cos.min()),
-           "mean_cosine": float(cos.mean())}
+    scale = float(np.abs(b).max())
+    out = {"max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale if scale > 0 else float(diff.max()),
+           "mean_abs": float(diff.mean()), "cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
     if logits:
         out["top1"] = float((a.argmax(1) == b.argmax(1)).mean())
         k = min(5, a.shape[1])
