@@ -373,3 +373,12 @@ def test_kv_modes_agree_with_deepstack(qwen3_384):
         runs[mode] = np.stack([state.logits[0].copy()] + [state.step([t])[0].copy() for t in (3, 30, 300, 8)])
     assert np.array_equal(runs["numpy"], runs["preallocated"])
     assert np.array_equal(runs["numpy"], runs["ortvalue"])
+
+
+def test_decode_past_the_capacity_is_refused(pipe):
+    ids = np.asarray(pipe.tokenizer("full cache", add_special_tokens=False)["input_ids"])
+    for mode in ("numpy", "preallocated"):
+        state = prefill(pipe.engine, [PromptInputs(ids)], pipe.ids, max_new_tokens=1, kv_mode=mode)
+        state.step([5])  # capacity = prompt + max_new_tokens: one decode step fits
+        with pytest.raises(InputError, match="does not fit the KV cache"):
+            state.step([6])

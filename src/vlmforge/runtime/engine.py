@@ -70,14 +70,7 @@ class Engine:
         return out["image_features"], out.get("deepstack_features")
 
     def embed(self, input_ids: np.ndarray, features: np.ndarray | None, deepstack: np.ndarray | None):
-        L, H = self.layout.deepstack_layers, self.layout.hidden
-        feeds = {
-            "input_ids": input_ids.astype(np.int64),
-            "image_features": features if features is not None else _empty((0, H)),
-        }
-        if L:
-            feeds["deepstack_features"] = deepstack if deepstack is not None else _empty((L, 0, H))
-        out = self.embedding.run(feeds)
+        out = self.embedding.run(embedding_feeds(self.layout, input_ids, features, deepstack))
         return out["inputs_embeds"], out.get("deepstack_embeds")
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -99,6 +92,19 @@ class Engine:
         for i in range(self.layout.num_layers):
             presents += [out[f"present.{i}.key"], out[f"present.{i}.value"]]
         return out["logits"], presents
+
+
+def embedding_feeds(layout: KVLayout, input_ids: np.ndarray, features: np.ndarray | None = None,
+                    deepstack: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The embedding graph's inputs; no features (decode steps, text only) -> empty image features."""
+    L, H = layout.deepstack_layers, layout.hidden
+    feeds = {
+        "input_ids": np.asarray(input_ids).astype(np.int64),
+        "image_features": features if features is not None else _empty((0, H)),
+    }
+    if L:
+        feeds["deepstack_features"] = deepstack if deepstack is not None else _empty((L, 0, H))
+    return feeds
 
 
 _EMPTY: dict[tuple[int, ...], np.ndarray] = {}

@@ -38,11 +38,10 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmforge.errors import InputError
+from vlmforge.runtime.engine import embedding_feeds
 from vlmforge.runtime.hostbind import HostBinding
 
 MODES = ("preallocated", "ortvalue", "numpy")
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32}
 
 
 def device_of(providers: list[str] | None) -> str:
@@ -111,14 +110,7 @@ class BoundDecoder:
     # -- public -------------------------------------------------------------------------------------
     def run(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds=None) -> np.ndarray:
         b, s = inputs_embeds.shape[:2]
-        total = self.past_len + s
-        if b != self.batch or total > self.capacity or attention_mask.shape != (b, total):
-            raise InputError(
-                f"decoder step of shape batch {b} x {s} new tokens with past {self.past_len} does not fit the KV "
-                f"cache (batch {self.batch}, capacity {self.capacity}) or the attention mask {attention_mask.shape}",
-                where="vlmforge.runtime.kv.BoundDecoder.run",
-                fix="create the BoundDecoder with capacity >= prompt length + max_new_tokens",
-            )
+        total = self._check_fits(b, s, attention_mask)
         feeds = self._small_feeds(inputs_embeds, attention_mask, position_ids, deepstack_embeds)
         if self.mode == "numpy":
             logits = self._run_numpy(feeds)
@@ -137,12 +129,11 @@ class BoundDecoder:
                              fix="pass embedding=engine.embedding when creating it, or call run() with inputs_embeds")
         tokens = np.asarray(tokens, np.int64).reshape(-1, 1)
         if not self._embed_bound():
-            out = self.embedding.run(self._embedding_feeds(tokens))
+            out = self.embedding.run(embedding_feeds(self.layout, tokens))
             positions = np.broadcast_to(position_ids, (3, tokens.shape[0], 1))
             return self.run(out["inputs_embeds"], attention_mask, positions, out.get("deepstack_embeds"))
-        b, total = tokens.shape[0], self.past_len + 1
-        if b != self.batch or total > self.capacity or attention_mask.shape != (b, total):
-            return self.run(np.zeros((b, 1, self.layout.hidden), np.float32), attention_mask, position_ids)  # raises
+        b = tokens.shape[0]
+        total = self._check_fits(b, 1, attention_mask)
         for name, held in self._embed_targets.items():
             if self._small.get(name) is not held:  # a run() of another shape rebound the decoder input
                 self._host.bind_input(name, self._host.value(held))
@@ -203,6 +194,18 @@ class BoundDecoder:
                 for j in range(2 * L)]
 
     # -- internals ----------------------------------------------------------------------------------
+    def _check_fits(self, b: int, s: int, attention_mask) -> int:
+        """The past length after a step of `s` new tokens per row; refuses a step the cache cannot hold."""
+        total = self.past_len + s
+        if b != self.batch or total > self.capacity or attention_mask.shape != (b, total):
+            raise InputError(
+                f"decoder step of shape batch {b} x {s} new tokens with past {self.past_len} does not fit the KV "
+                f"cache (batch {self.batch}, capacity {self.capacity}) or the attention mask {attention_mask.shape}",
+                where="vlmforge.runtime.kv.BoundDecoder",
+                fix="create the BoundDecoder with capacity >= prompt length + max_new_tokens",
+            )
+        return total
+
     def _small_feeds(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds) -> dict[str, np.ndarray]:
         types = self.graph.input_types
         feeds = {
@@ -217,14 +220,6 @@ class BoundDecoder:
             feeds["deepstack_embeds"] = np.ascontiguousarray(deepstack_embeds, dtype=types["deepstack_embeds"])
         return feeds
 
-    def _embedding_feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """Embedding inputs of a decode step: the tokens and empty image features."""
-        H, L = self.layout.hidden, self.layout.deepstack_layers
-        feeds = {"input_ids": tokens, "image_features": np.zeros((0, H), np.float32)}
-        if "deepstack_features" in self.embedding.input_types:
-            feeds["deepstack_features"] = np.zeros((L, 0, H), np.float32)
-        return feeds
-
     def _embed_bound(self) -> bool:
         """Bind the embedding graph for decode steps (once): token ids from a reused [B, 1] buffer, its
         outputs written into this decoder's bound input buffers. False where that does not apply (the
@@ -234,16 +229,16 @@ class BoundDecoder:
         if self.mode == "numpy" or self.device != "cpu":
             return False
         emb, dec_types = self.embedding, self.graph.input_types
-        outputs = {o.name: o for o in emb.session.get_outputs()}
-        wanted = [n for n in outputs if n in dec_types]
-        if "inputs_embeds" not in wanted or any(
-                np.dtype(_ORT_DTYPES.get(outputs[n].type, "?")) != np.dtype(dec_types[n]) for n in wanted):
+        outputs = {o.name: o.type for o in emb.session.get_outputs()}
+        dec_inputs = {i.name: i.type for i in self.session.get_inputs()}
+        wanted = [n for n in outputs if n in dec_inputs]
+        if "inputs_embeds" not in wanted or any(outputs[n] != dec_inputs[n] for n in wanted):
             return False
         host = HostBinding(emb.session)
         b, H, L = self.batch, self.layout.hidden, self.layout.deepstack_layers
         self._token_ids = np.zeros((b, 1), emb.input_types["input_ids"])
         self._embed_inputs = {k: np.ascontiguousarray(v, dtype=emb.input_types[k])
-                              for k, v in self._embedding_feeds(self._token_ids).items() if k != "input_ids"}
+                              for k, v in embedding_feeds(self.layout, self._token_ids).items() if k != "input_ids"}
         host.bind_input("input_ids", host.value(self._token_ids))
         for name, arr in self._embed_inputs.items():
             host.bind_input(name, host.value(arr))
