@@ -299,7 +299,7 @@ def bench_genai(directory: Path, image: str, tokens: int, repeats: int) -> dict:
         first_s, tok_s = _genai_generate(model, n + tokens, tokens, lambda gen: gen.set_inputs(inputs))
         ttft.append(processed + first_s)
         decode.append(tok_s)
-    row = {"variant": "onnxruntime-genai", "vision_ms": None, "ttft_ms": min(ttft) * 1e3,
+    row = {"variant": "onnxruntime-genai", "step_key": "onnxruntime-genai", "vision_ms": None, "ttft_ms": min(ttft) * 1e3,
            "decode_tok_s": max(decode), "step_ms_at_past": {},
            "threads": max(1, (os.cpu_count() or 2) // 2),
            "note": "vision runs inside the first generate step (not separately timed)"}
@@ -381,7 +381,8 @@ def bench_genai_builder(folder: Path, prompt_tokens: int, tokens: int, repeats: 
         decode.append(tok_s)
     del model
     gc.collect()
-    return {"variant": f"onnxruntime-genai builder {precision.upper()}", "vision_ms": None, "ttft_ms": None,
+    return {"variant": f"onnxruntime-genai builder {precision.upper()}", "step_key": "onnxruntime-genai builder",
+            "vision_ms": None, "ttft_ms": None,
             "prefill_ms": min(prefill_s) * 1e3, "decode_tok_s": max(decode), "step_ms_at_past": {},
             "threads": max(1, (os.cpu_count() or 2) // 2), "builder_dir": str(folder),
             "note": f"text decoder only (no vision): prefill of {prompt_tokens} random tokens + first token"}
@@ -599,13 +600,14 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
         steps = steps_at_pasts(directory, source, pasts, tokens, eager=eager, builder=builder, read_bytes=read_bytes)
         reads = {phase: steps.get(("memory read", None, phase), {}) for phase in ("phase 1", "phase 2")}
         for r in rows:
-            key = (r["variant"], r.get("kv_mode"), r.get("threads") if r["variant"] == "vlmforge runtime" else None)
-            for genai_variant in ("onnxruntime-genai", "onnxruntime-genai builder"):
-                if r["variant"].startswith(genai_variant) and "skipped" not in r and (
-                        genai_variant != "onnxruntime-genai" or r["variant"] == genai_variant):
-                    key = (genai_variant, None, 1)
-                    r["step_ms_at_past_phase2"] = steps.get((genai_variant, None, "phase 2"), {})
-            r["step_ms_at_past"] = steps.get(key, {})
+            if "skipped" in r:
+                continue
+            if "step_key" in r:  # genai rows: timed in both phases
+                r["step_ms_at_past"] = steps.get((r["step_key"], None, 1), {})
+                r["step_ms_at_past_phase2"] = steps.get((r["step_key"], None, "phase 2"), {})
+            else:
+                key = (r["variant"], r.get("kv_mode"), r.get("threads") if r["variant"] == "vlmforge runtime" else None)
+                r["step_ms_at_past"] = steps.get(key, {})
         if bandwidths is not None:
             bandwidths.append(read_bandwidth_gbs(os.cpu_count() or 1))
     best = max(bandwidths) if bandwidths else None
