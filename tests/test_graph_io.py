@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vlmforge.errors import ArtifactError
 from vlmforge.transforms.cast_fp16 import cast_fp16
 from vlmforge.transforms.graph import load_graph
 
@@ -53,5 +54,6 @@ def test_external_data_outside_the_graph_folder_is_refused(tmp_path):
         if entry.key == "location":
             entry.value = "../m.onnx.data"
     onnx.save_model(model, str(tmp_path / "inner" / "m.onnx"))
-    with pytest.raises(ValueError, match="not a file in"):
+    with pytest.raises(ArtifactError, match="not a file in") as err:
         load_graph(tmp_path / "inner" / "m.onnx")
+    assert "FORCE=1" in err.value.fix

@@ -7,6 +7,10 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from vlmforge.errors import ArtifactError
+
+_FIX = "the FP32 stage in the build cache is damaged: rebuild it with FORCE=1 (or `make clean`)"
+
 
 def load_graph(path: Path) -> onnx.ModelProto:
     """`path` with every initializer's external data read in.
@@ -28,13 +32,14 @@ def load_graph(path: Path) -> onnx.ModelProto:
             info = ExternalDataInfo(tensor)
             file = (base / info.location).resolve()
             if file.parent != base or not file.is_file():
-                raise ValueError(f"external data {info.location!r} of tensor {tensor.name!r} in {path} is not a "
-                                 f"file in {base}")
+                raise ArtifactError(f"external data {info.location!r} of tensor {tensor.name!r} is not a file in {base}",
+                                    where=str(path), fix=_FIX)
             fh = handles.get(file) or handles.setdefault(file, open(file, "rb"))
             fh.seek(info.offset or 0)
             data = fh.read(info.length) if info.length else fh.read()
             if info.length and len(data) != info.length:
-                raise ValueError(f"external data of tensor {tensor.name!r} in {path} is truncated ({file.name})")
+                raise ArtifactError(f"external data of tensor {tensor.name!r} is truncated ({file.name})",
+                                    where=str(path), fix=_FIX)
             tensor.raw_data = data
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
