@@ -150,14 +150,15 @@ def test_interrupted_publish_leaves_nothing_that_looks_complete(qwen25_392, tmp_
     assert not to.exists() and not tarball_path(to).exists()
     left = list((tmp_path / "out").iterdir())
     if how == "error":
-        assert "could not write the release" in proc.stderr
+        assert "while writing the release folder" in proc.stderr
         assert left == []  # the staging folder was removed
     else:
         assert proc.returncode < 0  # killed by SIGXFSZ mid-copy: no clean-up ran
         assert all(p.name.startswith(".rel.publish-") for p in left)
         assert not any((p / SUMS).exists() for p in left)
-    # and a later publish still works
+    # and a later publish still works, and removes what the dead one left
     assert verify_release(publish(qwen25_392.directory, to)).ok
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rel", "rel.tar.gz"]
 
 
 # -- verify_release catches damage -------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from vlmforge.manifest import MANIFEST, hash_files, toolchain, validate_manifest
 from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
 from vlmforge.runtime.genai_config import write_runtime_configs
-from vlmforge.source import TOKENIZER_FILES, load_model, open_source
+from vlmforge.paths import check_name, make_dir
+from vlmforge.source import TOKENIZER_FILES, check_model_size, checkpoint_file, load_model, open_source
 from vlmforge.validators.reference import image_params
 from vlmforge.validators.results import CheckResult
 
@@ -42,6 +43,8 @@ RUNTIME_FILES = TOKENIZER_FILES + ("preprocessor_config.json", "generation_confi
 # Working folders beside the artifact sets: `.<name>.<kind>-<host>-<pid>`.
 WORK_DIR = re.compile(r"^\..+\.(?:staging|fp32|old)-(?P<tag>.+)$")
 VALIDATION_FILE = "validation.json"
+FAILED_MARKER = ".vlmforge-failed"  # written into `<name>.failed/`: the build only ever replaces its own
+LOGS = "logs"  # beside the artifact sets of a model: per-build timings
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,33 @@ class BuildReport:
         return text + (" + validation" if self.cache.get("validation") == "cached" else "")
 
 
-def artifact_dir(cfg: BuildConfig, image_size: int) -> Path:
+def artifact_dir(cfg: BuildConfig, image_size: int, recipe: str = "recipe") -> Path:
+    """`<out_dir>/<model.name>/<name>`. Both names are single plain folder names, so a set can only land
+    inside out_dir, and never on the logs folder or a working folder."""
     suffix = "-nodeepstack" if cfg.model.deepstack == "drop" else ""
-    name = cfg.name or f"{cfg.precision.name}-{image_size}{suffix}"
-    return Path(cfg.out_dir) / cfg.model.name / name
+    fix = "use letters, digits, '.', '_', '+' or '-' (no '/', no leading '.'), e.g. name=fp32-392-test"
+    model = check_name(cfg.model.name, "model.name", f"{recipe}: model.name", RecipeError, fix)
+    name = check_name(cfg.name or f"{cfg.precision.name}-{image_size}{suffix}", "name", f"{recipe}: name",
+                      RecipeError, fix)
+    if name == LOGS or name.endswith(".failed"):
+        raise RecipeError(f"name={name!r} is reserved (the build writes {LOGS}/ and <name>.failed/ itself)",
+                          where=f"{recipe}: name", fix="choose another name")
+    return Path(cfg.out_dir) / model / name
+
+
+def check_replaceable(final: Path) -> None:
+    """The build replaces `final` only if it made it: absent, an empty folder, or an artifact set (a folder
+    with its own manifest.json). Anything else is the user's, and is never deleted."""
+    if not os.path.lexists(final):
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise RecipeError(f"{final} exists and is not an artifact folder (a file or a link)", where=str(final),
+                          fix="choose another name=... or out_dir=..., or move that path away yourself")
+    manifest = final / MANIFEST
+    if any(final.iterdir()) and not (manifest.is_file() and not manifest.is_symlink()):
+        raise RecipeError(f"{final} exists, is not empty and is not a vlmforge artifact set (no {MANIFEST}); "
+                          "vlmforge will not replace it", where=str(final),
+                          fix="choose another name=... or out_dir=..., or move that folder away yourself")
 
 
 def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool = False,
@@ -90,8 +116,9 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool 
     # Everything that can be checked without writing is checked first: a bad input leaves no directory.
     source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir),
                          f"{recipe}: model.checkpoint")
-    run = _Run(cfg, family, source, artifact_dir(cfg, image_size), image_size, StageCache(Path(cfg.cache_dir), force),
-               progress or QUIET)
+    final = artifact_dir(cfg, image_size, recipe)
+    check_replaceable(final)
+    run = _Run(cfg, family, source, final, image_size, StageCache(Path(cfg.cache_dir), force), progress or QUIET)
     run.timings["load"] = time.perf_counter() - t0
     report = run.execute()
     report.seconds["total"] = time.perf_counter() - t0
@@ -106,7 +133,8 @@ def cache_keys(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> dict:
     image_size = resolve_image_size(cfg.vision.size, family, f"{recipe}: vision.size")
     source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir),
                          f"{recipe}: model.checkpoint")
-    run = _Run(cfg, family, source, artifact_dir(cfg, image_size), image_size, StageCache(Path(cfg.cache_dir)), QUIET)
+    run = _Run(cfg, family, source, artifact_dir(cfg, image_size, recipe), image_size, StageCache(Path(cfg.cache_dir)),
+               QUIET)
     return {"export": run.export_key, "final": run.final_key, "validation": run.validation_key}
 
 
@@ -120,6 +148,7 @@ class _Run:
         self._model = None
         self.hf_config = load_hf_config(source, cfg.model.trust_remote_code)
         family.check_checkpoint_config(self.hf_config, str(source.path / "config.json"))
+        self.parameters = check_model_size(source, self.hf_config)
         self.deepstack = family.deepstack_layers(self.hf_config) > 0 and cfg.model.deepstack == "keep"
         self.options = StageOptions(image_size=image_size, deepstack=self.deepstack)
         self.contracts = {s: family.stage(s).contract(self.hf_config, self.options) for s in STAGES}
@@ -153,7 +182,7 @@ class _Run:
     # -- the build --------------------------------------------------------------------------------------------------
     def execute(self) -> BuildReport:
         final = self.final
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(final.parent, "the artifact folder", "out_dir")
         remove_stale(final.parent, WORK_DIR)
         for d in (self.staging, self.scratch):
             if d.exists():
@@ -377,9 +406,11 @@ def validation_images(vcfg) -> list:
 
 
 def _copy_runtime_files(src: Path, dst: Path) -> None:
+    """Tokenizer and processor files into the set, each confined to the checkpoint (checkpoint_file)."""
     for name in RUNTIME_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+            real = checkpoint_file(src, name, f"checkpoint file {name}")
+            shutil.copyfile(real, dst / name)
 
 
 def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path) -> dict:
@@ -396,7 +427,8 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         "schema_version": 1,
         "vlmforge_version": __version__,
         "family": family_key,
-        "source": {"checkpoint": cfg.model.checkpoint, "revision": cfg.model.revision, "weights": source.weight_files},
+        "source": {"checkpoint": cfg.model.checkpoint, "revision": cfg.model.revision, "weights": source.weight_files,
+                   "config_sha256": source_config_sha256(source.path)},
         "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir")},  # where it ran is not what it is
         "toolchain": toolchain(),
         "components": comps,
@@ -404,6 +436,13 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         "token_ids": mc,
         "validation": {"passed": all(c.passed for c in checks) and bool(checks), "checks": [c.to_json() for c in checks]},
     }
+
+
+def source_config_sha256(path: Path) -> str:
+    """sha256 of the checkpoint's config.json: `validate` tells a changed config from changed artifacts."""
+    from vlmforge.paths import sha256_file
+
+    return sha256_file(checkpoint_file(path, "config.json", "checkpoint config.json"))
 
 
 def load_config_ids(config: dict) -> dict:
@@ -421,16 +460,18 @@ def load_config_ids(config: dict) -> dict:
 
 def _publish(staging: Path, final: Path, manifest: dict) -> None:
     """Rename into place, then write the manifest there (atomically): at no moment does a directory without
-    its final files carry a manifest. An older set at `final` loses its manifest first, then is replaced."""
+    its final files carry a manifest. An older set at `final` (check_replaceable) is renamed aside whole
+    first: until the new set has its manifest, nothing at `final` verifies."""
     old = None
-    if final.exists():
-        (final / MANIFEST).unlink(missing_ok=True)
+    check_replaceable(final)
+    if os.path.lexists(final):
         old = final.parent / f".{final.name}.old-{owner_tag()}"
         os.rename(final, old)
+        (old / MANIFEST).unlink(missing_ok=True)
     os.rename(staging, final)
     write_manifest(final, manifest)
     failed = final.parent / f"{final.name}.failed"
-    if failed.exists():
+    if (failed / FAILED_MARKER).is_file() and not failed.is_symlink():
         shutil.rmtree(failed, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -438,15 +479,19 @@ def _publish(staging: Path, final: Path, manifest: dict) -> None:
 
 def _park_failed(staging: Path, final: Path, checks: list[CheckResult]) -> Path:
     failed = final.parent / f"{final.name}.failed"
-    if failed.exists():
+    if os.path.lexists(failed):
+        if failed.is_symlink() or not (failed / FAILED_MARKER).is_file():
+            raise RecipeError(f"{failed} exists and was not made by vlmforge; the failed build is not kept",
+                              where=str(failed), fix="move that folder away to keep the next failed build's report")
         shutil.rmtree(failed)
     (staging / VALIDATION_FILE).write_text(json.dumps([c.to_json() for c in checks], indent=2) + "\n")
+    (staging / FAILED_MARKER).write_text("a vlmforge build that failed validation; see validation.json\n")
     os.rename(staging, failed)
     return failed
 
 
 def _write_build_log(final: Path, timings: dict, cache: dict) -> None:
     """Wall-clock facts go beside the artifact set, never into the manifest (which must be reproducible)."""
-    logs = final.parent / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = final.parent / LOGS
+    make_dir(logs, "the build log folder", "out_dir")
     (logs / f"{final.name}.json").write_text(json.dumps({"seconds": timings, "cache": cache}, indent=2, sort_keys=True) + "\n")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vlmforge.source import sha256_file
+from vlmforge.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ PACKAGE = Path(__file__).resolve().parent
 # outside this list (but the fixture writers, whose output reaches a stage only through the checkpoint
 # files, which the key hashes by content).
 STAGE_CODE = (
-    "__init__.py", "build.py", "cache.py", "config.py", "contracts.py", "errors.py", "registry.py", "source.py",
+    "__init__.py", "build.py", "cache.py", "config.py", "contracts.py", "errors.py", "paths.py", "registry.py", "source.py",
     "exporters", "families", "transforms",
 )
 # What validation runs on top of that: the validators, the runtime they drive the graphs with, the
@@ -239,6 +239,7 @@ class StageCache:
                      fill: Callable[[Path], dict]) -> tuple[Entry, bool]:
         """(entry, True) from the cache, or (entry, False) after building it with `fill`."""
         with self.locked(family, name, key):
+            remove_stale(self.slot(family, name), CACHE_TEMP)  # a killed build's leftovers, hit or miss
             entry = self.lookup(family, name, key)
             if entry is not None:
                 return entry, True
@@ -282,8 +283,10 @@ STAGE_READS = {"vision": ("image_size", "deepstack"), "embedding": ("deepstack",
 
 
 def source_inputs(source) -> dict:
-    return {"weights": dict(sorted(source.weight_files.items())),
-            "config.json": sha256_file(Path(source.path) / "config.json")}
+    from vlmforge.source import checkpoint_file
+
+    config = checkpoint_file(Path(source.path), "config.json", "checkpoint config.json")
+    return {"weights": dict(sorted(source.weight_files.items())), "config.json": sha256_file(config)}
 
 
 def export_inputs(family: str, stage: str, options, cfg, source: dict, tools: dict) -> dict:
@@ -313,8 +316,11 @@ def transform_inputs(stage: str, precision: str, pcfg, export_key: str) -> dict:
 
 
 def validation_inputs(final_keys: dict, export_keys: dict, cfg, source_path: Path, runtime_files: tuple[str, ...]) -> dict:
-    runtime = {n: sha256_file(Path(source_path) / n) for n in runtime_files if (Path(source_path) / n).is_file()}
-    images = {str(p): sha256_file(Path(p)) for p in cfg.validate.images if Path(p).is_file()}
+    from vlmforge.source import checkpoint_file
+
+    runtime = {n: sha256_file(checkpoint_file(Path(source_path), n, f"checkpoint file {n}"))
+               for n in runtime_files if (Path(source_path) / n).is_file()}
+    images = {str(p): sha256_file(Path(p).resolve()) for p in cfg.validate.images if Path(p).is_file()}
     return {
         "kind": "validation",
         "stages": final_keys,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmforge.errors import RecipeError, VlmforgeError
+from vlmforge.errors import RecipeError, VlmforgeError, from_os_error
 
 log = logging.getLogger("vlmforge")
 
@@ -40,9 +40,16 @@ def compose(overrides: list[str], recipes: Path):
         with initialize_config_dir(config_dir=str(recipes), version_base=None):
             cfg = hydra_compose(config_name="build", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
+        where = f"{recipes}/build.yaml with overrides {list(overrides)}"
         missing = re.search(r"Could not override '([^']+)'", str(exc))
         if missing:
-            raise unknown_key_error(missing.group(1), f"{recipes}/build.yaml with overrides {list(overrides)}") from exc
+            raise unknown_key_error(missing.group(1), where) from None
+        cause = exc.__cause__
+        key = getattr(cause, "full_key", None)
+        if key and isinstance(cause, OmegaConfBaseException):  # a value of the wrong type for a schema key
+            raise RecipeError(f"recipe key {key!r}: {str(cause).splitlines()[0]}", where=where,
+                              fix=f"give {key} a value of its type (see vlmforge.config.BuildConfig and "
+                                  f"{recipes}/build.yaml)") from None
         raise RecipeError(
             f"recipe does not compose: {' '.join(str(exc).split())[:600]}",
             where=f"{recipes}/build.yaml with overrides {list(overrides)}",
@@ -280,7 +287,10 @@ class MatrixJob:
             log.error("cell %s failed:\n%s", name, err.render())
             result.update(error=f"{err.kind}: {err.what}")
         except Exception as err:  # a bug met by one cell must not stop the others; its traceback is in its log
-            log.exception("cell %s crashed", name)
+            handlers[0].handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "cell %s crashed", (name,),
+                                              sys.exc_info()))  # the traceback goes to the cell's log file only
+            log.error("cell %s crashed (%s: %s); the traceback is in %s", name, type(err).__name__,
+                      str(err).splitlines()[0][:200] if str(err) else "", log_file)
             result.update(status="CRASHED", error=f"{type(err).__name__}: {err}")
         finally:
             result.update(seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=_peak_rss_mb(), ended=time.time())
@@ -363,7 +373,7 @@ def cmd_verify(args) -> int:
 def cmd_validate(args) -> int:
     from vlmforge.revalidate import revalidate
 
-    checks = revalidate(Path(args.directory))
+    checks = revalidate(Path(args.directory), checkpoint=args.checkpoint)
     _print_checks(checks)
     ok = all(c.passed for c in checks)
     print(f"{args.directory}: {len(checks)} checks, {'all passed' if ok else 'FAILED'}")
@@ -371,9 +381,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_fixture(args) -> int:
+    from vlmforge.fixtures.checkpoint import check_new_folder
     from vlmforge.registry import get_family
 
-    out = get_family(args.family).write_fixture(Path(args.out))
+    family = get_family(args.family, where="vlmforge fixture FAMILY")
+    out = family.write_fixture(check_new_folder(Path(args.out), "vlmforge fixture FAMILY OUT"))
     print(out)
     return 0
 
@@ -400,6 +412,8 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
     val = sub.add_parser("validate", help="re-run every validation check of an artifact directory")
     val.add_argument("directory")
+    val.add_argument("--checkpoint", help="the source checkpoint folder, if it moved since the build "
+                                          "(default: the manifest's model.checkpoint)")
     val.set_defaults(func=cmd_validate)
     f = sub.add_parser("fixture", help="write an embedded tiny checkpoint (Hugging Face folder)")
     f.add_argument("family")
@@ -430,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.exception("details")
         print(err.render(), file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine refused (disk full, read-only, permissions): not a bug, no traceback
+        if args.verbose:
+            log.exception("details")
+        print(from_os_error(exc, f"running `vlmforge {args.command}`").render(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

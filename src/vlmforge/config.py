@@ -6,6 +6,8 @@ A typo in a key is an error naming the key and the valid ones. Nothing below the
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -93,6 +95,11 @@ def register_schema() -> None:
 
 
 def valid_keys(parent: str) -> list[str]:
+    """The keys that may follow `parent.` in a recipe (the tolerance tree is free-form YAML with a fixed
+    vocabulary: stages, then precisions, then metrics)."""
+    parts = [p for p in parent.split(".") if p]
+    if parts[:2] == ["validate", "tolerances"] and len(parts) <= 4:
+        return list((TOLERANCE_STAGES, PRECISIONS, TOLERANCE_METRICS)[len(parts) - 2])
     node = BuildConfig()
     for part in filter(None, parent.split(".")):
         node = getattr(node, part, None)
@@ -143,16 +150,68 @@ def from_omegaconf(cfg: Any, recipe: str = "recipes/build.yaml") -> BuildConfig:
     return obj
 
 
+# Which dtypes a checkpoint may be loaded in for export. bfloat16/float16 loading would export graphs whose
+# weights and outputs are not FP32 under an FP32 label; until the exporters cast per stage, FP32 only.
+LOAD_DTYPES = ("float32",)
+# validate.tolerances.<stage>.<precision>.<metric>: the stages and metrics the validators gate on.
+TOLERANCE_STAGES = ("preprocess", "vision", "embedding", "decoder", "chain", "task")
+TOLERANCE_METRICS = ("max_abs", "max_rel", "mean_abs", "accuracy_drop", "cosine", "mean_cosine", "top1", "top5",
+                     "token_match", "answer_agreement", "near_tie")
+
+
 def check(cfg: BuildConfig, recipe: str) -> None:
-    """Cross-field checks that need no model: precision names, deepstack choice, chain length."""
+    """Cross-field checks that need no model: precision names, deepstack choice, validation numbers."""
     for stage in ("vision", "embedding", "decoder"):
         p = getattr(cfg.precision, stage)
         if p not in PRECISIONS:
             raise RecipeError(f"precision.{stage}={p!r} is not a precision", where=recipe, fix=f"use one of {list(PRECISIONS)}")
     if cfg.model.deepstack not in ("keep", "drop"):
         raise RecipeError(f"model.deepstack={cfg.model.deepstack!r}", where=recipe, fix="use keep or drop")
-    if cfg.validate.chain_tokens < 1:
-        raise RecipeError("validate.chain_tokens must be >= 1", where=recipe, fix="set validate.chain_tokens=32")
+    if cfg.model.load_dtype not in LOAD_DTYPES:
+        raise RecipeError(f"model.load_dtype={cfg.model.load_dtype!r} is not supported", where=f"{recipe}: model.load_dtype",
+                          fix=f"use one of {list(LOAD_DTYPES)}: the exported graphs and their FP32 validation assume "
+                              "FP32 weights (lower precisions come from precision=fp16 / int4_mixed)")
+    v = cfg.validate
+    for key, value, low in (("chain_tokens", v.chain_tokens, 1), ("decode_steps", v.decode_steps, 1),
+                            ("task_questions", v.task_questions, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RecipeError(f"validate.{key}={value!r} must be an integer >= {low}", where=f"{recipe}: validate.{key}",
+                              fix=f"set validate.{key} to an integer >= {low} (recipes/validate/standard.yaml has the defaults)")
+    if v.enabled and not v.images and not v.image_seeds:
+        raise RecipeError("validate.image_seeds is empty and validate.images names no image", where=recipe,
+                          fix="leave validate.image_seeds=[1,2] or list image files in validate.images")
+    for i, img in enumerate(v.images):
+        if not isinstance(img, str) or not os.path.isfile(os.path.expanduser(img)):
+            raise RecipeError(f"validate.images[{i}]={img!r} is not an image file", where=f"{recipe}: validate.images",
+                              fix="list paths of existing image files (PNG, JPEG, ...)")
+    check_tolerances(v.tolerances, recipe)
+
+
+def check_tolerances(tolerances, recipe: str) -> None:
+    """validate.tolerances is free-form YAML: every stage, precision and metric must be one the validators
+    know and every bound a finite number, or a typo would silently leave a check ungated."""
+    where = f"{recipe}: validate.tolerances"
+    if not isinstance(tolerances, dict):
+        raise RecipeError("validate.tolerances is not a mapping", where=where, fix="see recipes/validate/standard.yaml")
+    for stage, per_precision in tolerances.items():
+        if stage not in TOLERANCE_STAGES:
+            raise RecipeError(f"validate.tolerances.{stage} is not a validated stage", where=where,
+                              fix=f"valid keys under validate.tolerances: {list(TOLERANCE_STAGES)}")
+        for precision, bounds in (per_precision or {}).items():
+            key = f"validate.tolerances.{stage}.{precision}"
+            if precision not in PRECISIONS:
+                raise RecipeError(f"{key} is not a precision", where=where,
+                                  fix=f"valid keys under validate.tolerances.{stage}: {list(PRECISIONS)}")
+            if not isinstance(bounds, dict) or not bounds:
+                raise RecipeError(f"{key} must map metrics to bounds", where=where,
+                                  fix=f"e.g. {key}.max_rel=5.0e-5; valid metrics: {list(TOLERANCE_METRICS)}")
+            for metric, bound in bounds.items():
+                if metric not in TOLERANCE_METRICS:
+                    raise RecipeError(f"{key}.{metric} is not a metric", where=where,
+                                      fix=f"valid keys under {key}: {list(TOLERANCE_METRICS)}")
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+                    raise RecipeError(f"{key}.{metric}={bound!r} is not a number", where=where,
+                                      fix=f"set {key}.{metric} to a finite number, e.g. 5.0e-5")
 
 
 def resolve_image_size(size: str, family, where: str) -> int:

@@ -63,3 +63,21 @@ def _by_name(specs: tuple[TensorSpec, ...], name: str, stage: str) -> TensorSpec
         if t.name == name:
             return t
     raise KeyError(f"{stage} contract has no tensor {name!r}; it has {[t.name for t in specs]}")
+
+
+def diff_contract(actual: list[TensorSpec], declared: tuple[TensorSpec, ...], kind: str) -> list[str]:
+    """What differs between a graph's I/O and the contract (names in order, dtypes, every dim): [] if nothing."""
+    problems = []
+    names_a, names_d = [t.name for t in actual], [t.name for t in declared]
+    if names_a != names_d:
+        problems.append(f"{kind} names {names_a} != contract {names_d}")
+    by_name = {t.name: t for t in actual}
+    for want in declared:
+        got = by_name.get(want.name)
+        if got is None:
+            continue
+        if got.dtype != want.dtype:
+            problems.append(f"{kind} {want.name!r} is {got.dtype}; contract says {want.dtype}")
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{kind} {want.name!r} has shape {list(got.shape)}; contract says {list(want.shape)}")
+    return problems

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -25,14 +26,19 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.errors import ArtifactError
-from vlmforge.manifest import MANIFEST, VerifyReport, read_manifest, verify_dir
+from vlmforge.cache import owner_tag, remove_stale
+from vlmforge.errors import ArtifactError, from_os_error
+from vlmforge.manifest import MANIFEST, MAX_MANIFEST_BYTES, RELEASE_FILES, VerifyReport, read_manifest, verify_dir
+from vlmforge.paths import confine, is_safe_relative, open_regular, scan_tree
 
 log = logging.getLogger(__name__)
 
-SUMS = "SHA256SUMS"
-CARD = "README.md"
-RESERVED = (SUMS, CARD)
+SUMS, CARD = RELEASE_FILES
+RESERVED = RELEASE_FILES
+# Working files beside a release: `.<to>.publish-<host>-<pid>/` and `.<to>.tar.gz.<host>-<pid>.tmp`; those of
+# dead publishes are removed by the next one (cache.remove_stale judges the owner).
+WORK_FILES = (re.compile(r"^\..+\.publish-(?P<tag>[^/]+)$"), re.compile(r"^\..+\.tar\.gz\.(?P<tag>.+-\d+)\.tmp$"))
+EXTRACT_SLACK = 16 << 20  # a release's card, SHA256SUMS and manifest beside the files its manifest lists
 TAR_MTIME = 0  # every tar entry's mtime; with gzip mtime 0 the tarball depends on file contents only
 GZIP_LEVEL = 6
 _CHUNK = 1 << 20
@@ -52,9 +58,10 @@ def publish(directory: Path, to: Path, *, tarball: bool = True, hub_repo: str | 
     if hub_repo:
         _check_hub_reachable(hub_repo)
     manifest = read_manifest(directory)
-    staging = to.parent / f".{to.name}.publish-{os.getpid()}"
+    staging = to.parent / f".{to.name}.publish-{owner_tag()}"
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_work(to.parent)
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
@@ -66,8 +73,8 @@ def publish(directory: Path, to: Path, *, tarball: bool = True, hub_repo: str | 
             _check_target(directory, to)  # nothing appeared at `to` while we were staging
             os.rename(staging, to)
     except OSError as exc:
-        raise ArtifactError(f"could not write the release: {exc}", where=str(to),
-                            fix="check free disk space and write permission on the destination folder") from exc
+        raise from_os_error(exc, "writing the release folder", where=str(to.parent),
+                            needed=sum(f["bytes"] for f in manifest["files"].values())) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -77,6 +84,11 @@ def publish(directory: Path, to: Path, *, tarball: bool = True, hub_repo: str | 
     if hub_repo:
         push_to_hub(to, hub_repo, hub_revision)
     return to
+
+
+def _remove_dead_work(folder: Path) -> None:
+    for pattern in WORK_FILES:
+        remove_stale(folder, pattern)
 
 
 def tarball_path(release: Path) -> Path:
@@ -133,8 +145,9 @@ def _same_release(staging: Path, to: Path) -> bool:
 def _stage_release(directory: Path, manifest: dict, staging: Path, name: str) -> None:
     """Copy every listed file (re-hashing while copying: a file changed after verification is caught),
     then write the model card and SHA256SUMS."""
+    where = str(directory / MANIFEST)
     for rel, want in sorted(manifest["files"].items()):
-        got = _copy_hashed(directory / rel, staging / rel)
+        got = _copy_hashed(confine(directory, rel, where=where), confine(staging, rel, where=where))
         if got != want["sha256"]:
             raise ArtifactError(f"{rel} changed while it was being published", where=str(directory / rel),
                                 fix="do not modify an artifact set while publishing it; publish again")
@@ -147,7 +160,8 @@ def _stage_release(directory: Path, manifest: dict, staging: Path, name: str) ->
 def _copy_hashed(src: Path, dst: Path) -> str:
     dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with open_regular(src) as fin, os.fdopen(os.open(dst, flags, 0o644), "wb") as fout:
         while block := fin.read(_CHUNK):
             h.update(block)
             fout.write(block)
@@ -166,27 +180,22 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    from vlmforge.paths import sha256_file
+
+    return sha256_file(path)
 
 
 def _release_files(folder: Path) -> list[str]:
     """Relative posix paths of every regular file under `folder` but SHA256SUMS, sorted."""
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_symlink() or (not p.is_file() and not p.is_dir()):
-            raise ArtifactError(f"{p.relative_to(folder)} is a link or special file", where=str(p),
-                                fix="a release holds regular files only; rebuild or re-publish it")
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and rel != SUMS:
-            if any(c in rel for c in "\n\\"):
-                raise ArtifactError(f"file name {rel!r} cannot be listed in {SUMS}", where=str(p),
-                                    fix="rename the file; names with newlines or backslashes are not supported")
-            out.append(rel)
-    return out
+    files, odd = scan_tree(folder)
+    if odd:
+        raise ArtifactError(f"{odd[0]} is a link or special file", where=str(Path(folder) / odd[0]),
+                            fix="a release holds regular files only; rebuild or re-publish it")
+    for rel in files:
+        if any(c in rel for c in "\n\\"):
+            raise ArtifactError(f"file name {rel!r} cannot be listed in {SUMS}", where=str(Path(folder) / rel),
+                                fix="rename the file; names with newlines or backslashes are not supported")
+    return [rel for rel in files if rel != SUMS]
 
 
 def sha256sums(folder: Path) -> str:
@@ -307,8 +316,10 @@ def _card_files() -> str:
 def write_tarball(release: Path, out: Path) -> Path:
     """Deterministic `.tar.gz` of the release folder, entries under `<release name>/`; written atomically."""
     release, out = Path(release), Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    _remove_dead_work(out.parent)
+    tmp = str(out.parent / f".{out.name}.{owner_tag()}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "wb") as raw:
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
                 with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -322,8 +333,8 @@ def write_tarball(release: Path, out: Path) -> Path:
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except OSError as exc:
-        raise ArtifactError(f"could not write the tarball: {exc}", where=str(out),
-                            fix="check free disk space and write permission on the destination folder") from exc
+        raise from_os_error(exc, "writing the release tarball", where=str(out),
+                            needed=sum((release / r).stat().st_size for r in _release_files(release))) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -344,7 +355,12 @@ def _tar_info(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
 
 def safe_extract(archive: Path, dest: Path) -> Path:
     """Extract a release tarball into `dest`, refusing absolute paths, `..`, links, special files, duplicate
-    names and more than one top-level folder. Returns the extracted release folder."""
+    names and more than one top-level folder. Returns the extracted release folder.
+
+    Nothing is written before every member header has been read and judged, and what is written is capped:
+    each listed file at the size its manifest declares, the whole at the manifest's total plus
+    EXTRACT_SLACK, counted while copying. A 4 MB tarball that inflates to gigabytes fails with nothing on
+    disk beyond that cap."""
     archive = Path(archive)
 
     def bad(what: str) -> ArtifactError:
@@ -353,31 +369,75 @@ def safe_extract(archive: Path, dest: Path) -> Path:
 
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
-            members = tar.getmembers()
-            tops, seen = set(), set()
-            for m in members:
-                parts = Path(m.name).parts
-                if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts or not parts:
-                    raise bad(f"member {m.name!r} escapes the archive")
-                if not (m.isfile() or m.isdir()):
-                    raise bad(f"member {m.name!r} is a link or special file")
-                key = "/".join(parts)
-                if key in seen:
-                    raise bad(f"member {m.name!r} appears twice")
-                seen.add(key)
-                tops.add(parts[0])
-            if len(tops) != 1:
-                raise bad(f"expected one top-level folder, found {sorted(tops)}")
-            tar.extractall(dest, members=members, filter="data")
+            members = tar.getmembers()  # headers only: the data is decompressed and skipped, not written
+            top, files = _judge_members(members, bad)
+            declared = _declared_sizes(tar, files, top, bad)
+            cap = sum(declared.values()) + EXTRACT_SLACK
+            root = Path(dest) / top
+            root.mkdir()
+            written = 0
+            for rel, m in sorted(files.items()):
+                limit = declared.get(rel, EXTRACT_SLACK)
+                if m.size > limit or written + m.size > cap:
+                    raise bad(f"member {m.name!r} is {m.size} bytes; its manifest allows {limit} "
+                              f"({cap} bytes for the whole release)")
+                written += _extract_member(tar, m, root / rel, m.size)
             while tar.fileobj.read(_CHUNK):  # read to the gzip trailer so its CRC is checked too
                 pass
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise ArtifactError(f"{archive.name} is not a readable .tar.gz ({type(exc).__name__}: {exc})",
                             where=str(archive), fix="the tarball is damaged or truncated; fetch it again") from exc
-    folder = Path(dest) / tops.pop()
-    if not folder.is_dir():
-        raise bad("its top-level entry is not a folder")
-    return folder
+    return root
+
+
+def _judge_members(members, bad) -> tuple[str, dict]:
+    """(the one top-level folder, {relative path: member} of its regular files); refuses anything else."""
+    tops, files = set(), {}
+    for m in members:
+        name = m.name.rstrip("/")
+        top, _, rel = name.partition("/")
+        if not is_safe_relative(name) or not top:
+            raise bad(f"member {m.name!r} is not a plain relative path (absolute, '..', or odd characters)")
+        if not (m.isfile() or m.isdir()):
+            raise bad(f"member {m.name!r} is a link or special file")
+        tops.add(top)
+        if m.isfile():
+            if not rel:
+                raise bad(f"member {m.name!r} is a file at the top level")
+            if rel in files:
+                raise bad(f"member {m.name!r} appears twice")
+            files[rel] = m
+    if len(tops) != 1:
+        raise bad(f"expected one top-level folder, found {sorted(tops)[:5]}")
+    return tops.pop(), files
+
+
+def _declared_sizes(tar, files: dict, top: str, bad) -> dict[str, int]:
+    """{path: bytes} the release's own manifest declares for its files (the manifest member is read, capped)."""
+    m = files.get(MANIFEST)
+    if m is None:
+        raise bad(f"no {top}/{MANIFEST}")
+    if m.size > MAX_MANIFEST_BYTES:
+        raise bad(f"{MANIFEST} is {m.size} bytes")
+    try:
+        data = json.loads(tar.extractfile(m).read(MAX_MANIFEST_BYTES).decode("utf-8"))
+        listed = {rel: int(v["bytes"]) for rel, v in data["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise bad(f"its {MANIFEST} does not list files with sizes ({type(exc).__name__})") from None
+    return {**listed, MANIFEST: m.size}
+
+
+def _extract_member(tar, member, dst: Path, limit: int) -> int:
+    """Copy one member's data to a new regular file, never more than `limit` bytes; returns bytes written."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src = tar.extractfile(member)
+    written = 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(dst, flags, 0o644), "wb") as out:
+        while written < limit and (block := src.read(min(_CHUNK, limit - written))):
+            out.write(block)
+            written += len(block)
+    return written
 
 
 # -- verify -------------------------------------------------------------------------------------------------------------
@@ -426,7 +486,8 @@ def verify_release(path: Path) -> ReleaseReport:
         raise ArtifactError(f"no {SUMS} in {path}: not a vlmforge release", where=str(path),
                             fix="publish the artifact set with `vlmforge publish DIR --to RELEASE`; "
                                 "for a plain artifact set use `vlmforge verify DIR`")
-    sums, malformed = parse_sha256sums((path / SUMS).read_text(encoding="utf-8", errors="replace"))
+    with open_regular(path / SUMS, str(path / SUMS)) as f:
+        sums, malformed = parse_sha256sums(f.read(MAX_MANIFEST_BYTES).decode("utf-8", errors="replace"))
     manifest = read_manifest(path)
     mreport = verify_dir(path)
     mreport.unlisted = [p for p in mreport.unlisted if p not in RESERVED]
@@ -451,7 +512,7 @@ def parse_sha256sums(text: str) -> tuple[dict[str, str], list[str]]:
         digest, sep, rest = line.partition(" ")
         name = rest[1:] if rest[:1] in (" ", "*") else None
         ok_digest = len(digest) == 64 and all(c in "0123456789abcdef" for c in digest.lower())
-        if not (sep and ok_digest and name) or name in sums or ".." in Path(name).parts or name.startswith("/"):
+        if not (sep and ok_digest and name) or name in sums or not is_safe_relative(name):
             bad.append(line)
             continue
         sums[name] = digest.lower()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmforge.build import validation_images
+from vlmforge.build import source_config_sha256, validation_images
 from vlmforge.config import from_omegaconf
 from vlmforge.contracts import StageContract, TensorSpec
-from vlmforge.manifest import read_manifest, verify_dir
-from vlmforge.errors import ArtifactError
+from vlmforge.errors import CheckpointError
+from vlmforge.manifest import check_verified
 from vlmforge.source import load_model, open_source
 from vlmforge.validators.reference import image_params
 from vlmforge.validators.results import CheckResult
@@ -20,33 +20,45 @@ def contract_from_manifest(stage: str, comp: dict, meta: dict) -> StageContract:
     return StageContract(stage, tuple(map(spec, comp["inputs"])), tuple(map(spec, comp["outputs"])), meta)
 
 
-def revalidate(directory: Path) -> list[CheckResult]:
-    report = verify_dir(directory)
-    if report.changed or report.missing or report.unlisted:
-        raise ArtifactError("artifact files do not match the manifest: " + "; ".join(report.lines()),
-                            where=str(directory), fix="rebuild the artifact set")
-    m = read_manifest(directory)
+def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResult]:
+    """Every check of the build, re-run on the verified set against its source checkpoint (`checkpoint`
+    overrides where the manifest says it was, for a checkpoint that moved)."""
+    m = check_verified(Path(directory), "validate re-checks verified sets only")
     from omegaconf import OmegaConf
 
-    cfg = from_omegaconf(OmegaConf.create(m["recipe"]), recipe=f"{directory}/manifest.json recipe")
-    source = open_source(cfg.model.checkpoint, m["family"], cfg.model.revision, Path(cfg.cache_dir),
-                         f"{directory}/manifest.json source.checkpoint")
+    recipe = dict(m["recipe"])
+    if checkpoint is not None:
+        recipe["model"] = {**recipe.get("model", {}), "checkpoint": checkpoint}
+    cfg = from_omegaconf(OmegaConf.create(recipe), recipe=f"{directory}/manifest.json recipe")
+    where = "--checkpoint" if checkpoint is not None else \
+        f"{directory}/manifest.json source.checkpoint (pass --checkpoint DIR if the checkpoint moved)"
+    source = open_source(cfg.model.checkpoint, m["family"], cfg.model.revision, Path(cfg.cache_dir), where)
     if source.weight_files != m["source"]["weights"]:
-        raise ArtifactError("the source checkpoint's weights differ from the ones this artifact set was built from",
-                            where=str(source.path), fix="point at the original checkpoint or rebuild")
-    model = load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)
+        raise CheckpointError("the checkpoint's weights differ from the ones this artifact set was built from",
+                              where=str(source.path), fix="pass --checkpoint with the original checkpoint, or rebuild")
+    built_from = m["source"].get("config_sha256")
+    if built_from and built_from != source_config_sha256(source.path):
+        raise CheckpointError("the checkpoint's config.json differs from the one this artifact set was built from "
+                              "(the artifacts themselves verify)", where=str(source.path / "config.json"),
+                              fix="restore the original config.json, pass --checkpoint with the original checkpoint, "
+                                  "or rebuild the set from this checkpoint")
+    from vlmforge.build import StageOptions, load_hf_config
     from vlmforge.registry import get_family
-    from vlmforge.build import StageOptions
+    from vlmforge.source import check_model_size
 
     family = get_family(m["family"])
+    check_model_size(source, load_hf_config(source, cfg.model.trust_remote_code))
+    model = load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)
     size = m["components"]["vision"]["image_size"]
     deepstack = family.deepstack_layers(model.config) > 0 and cfg.model.deepstack == "keep"
     opts = StageOptions(size, deepstack)
     contracts = {s: family.stage(s).contract(model.config, opts) for s in ("vision", "embedding", "decoder")}
     for s, c in contracts.items():
         if c.to_json() != {k: m["components"][s][k] for k in ("inputs", "outputs")}:
-            raise ArtifactError(f"manifest contract of {s} differs from what the recipe declares",
-                                where=f"{directory}/manifest.json", fix="rebuild the artifact set")
+            raise CheckpointError(f"the {s} contract this checkpoint implies differs from the one in the manifest: "
+                                  "the checkpoint is not the one the set was built from",
+                                  where=f"{directory}/manifest.json components.{s}",
+                                  fix="pass --checkpoint with the original checkpoint, or rebuild the set")
     precisions = {s: m["components"][s]["precision"] for s in contracts}
     dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, image_params(source.path, model.config, size),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge.errors import CheckpointError
+from vlmforge.paths import confine, sha256_file
 from vlmforge.registry import FamilySpec, family_for_architecture, get_family
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,22 @@ class Source:
     family: FamilySpec
     config: dict
     weight_files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+    weight_elements: int = 0  # tensor elements in all weight files (from their headers)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def checkpoint_file(path: Path, name: str, where: str) -> Path:
+    """The real file behind `<checkpoint>/<name>`, confined: inside the checkpoint folder, or, for a Hugging
+    Face cache snapshot (`models--org--name/snapshots/<rev>/`, whose files are links), inside that repo's
+    `blobs/`. Anything a link leads elsewhere is refused: its bytes would be copied into an artifact set."""
+    path = Path(path)
+    real = path.resolve()
+    also = (real.parent.parent / "blobs",) if real.parent.name == "snapshots" and \
+        real.parent.parent.name.startswith("models--") else ()
+    out = confine(path, name, where=where, also=also, error=CheckpointError,
+                  fix=f"replace {name} in the checkpoint by the file itself (not a link out of the folder)")
+    if out != real / name:
+        log.debug("%s/%s is read from %s", path, name, out)
+    return out
 
 
 def fixture_fingerprint(family_key: str, trained: bool = False) -> str:
@@ -166,8 +175,8 @@ def check_family(config: dict, family_key: str, path: Path, where: str) -> Famil
     )
 
 
-def check_safetensors(path: Path, where: str) -> dict[str, str]:
-    """Every weight file must be a complete safetensors file. Returns {name: sha256}."""
+def check_safetensors(path: Path, where: str) -> tuple[dict[str, str], int]:
+    """Every weight file must be a complete safetensors file. Returns ({name: sha256}, number of elements)."""
     files = sorted(p for p in path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
@@ -176,39 +185,124 @@ def check_safetensors(path: Path, where: str) -> dict[str, str]:
             where=where,
             fix="vlmforge loads safetensors only; convert the checkpoint (save_pretrained(..., safe_serialization=True))",
         )
-    hashes = {}
+    hashes, elements = {}, 0
     for f in files:
-        _check_one_safetensors(f)
-        hashes[f.name] = sha256_file(f)
-    return hashes
+        real = checkpoint_file(path, f.name, where)
+        elements += _check_one_safetensors(real, f.name)
+        hashes[f.name] = sha256_file(real)
+    return hashes, elements
 
 
-def _check_one_safetensors(f: Path) -> None:
+# safetensors dtypes and their sizes in bits (F4/F6 pack several values per byte).
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+                    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+
+
+def _check_one_safetensors(f: Path, name: str) -> int:
+    """Refuse a damaged or hostile safetensors file from its header alone (nothing is mapped or allocated):
+    every tensor's dtype, shape and byte range must agree and tile the data section exactly.
+    Returns the number of elements the file holds."""
     size = f.stat().st_size
-    fix = f"re-download or re-copy {f.name}; the file is damaged"
+    fix = f"re-download or re-copy {name}; the file is damaged"
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{name} is not a valid safetensors file ({why})", where=str(f), fix=fix)
+
     try:
         with open(f, "rb") as fh:
             header_len = struct.unpack("<Q", fh.read(8))[0]
-            if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length beyond end of file")
+            if header_len <= 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise bad(f"header length {header_len} is beyond the file or the format's limit")
             header = json.loads(fh.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{f.name} is not a valid safetensors file ({exc})", where=str(f), fix=fix) from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad(str(exc)[:200]) from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data_len, spans, elements = size - 8 - header_len, [], 0
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        if not (isinstance(v, dict) and v.get("dtype") in SAFETENSORS_BITS and isinstance(v.get("shape"), list)
+                and all(isinstance(d, int) and d >= 0 for d in v["shape"]) and isinstance(v.get("data_offsets"), list)
+                and len(v["data_offsets"]) == 2 and all(isinstance(o, int) for o in v["data_offsets"])):
+            raise bad(f"tensor {key[:80]!r} has a malformed entry")
+        begin, end = v["data_offsets"]
+        n = 1
+        for d in v["shape"]:
+            n *= d
+        if not 0 <= begin <= end <= data_len or (n * SAFETENSORS_BITS[v["dtype"]] + 7) // 8 != end - begin:
+            raise bad(f"tensor {key[:80]!r} (shape {v['shape'][:8]}, {v['dtype']}) does not fit its byte range "
+                      f"[{begin}, {end}) of a {data_len}-byte data section")
+        spans.append((begin, end))
+        elements += n
+    spans.sort()
+    if any(b < a_end for (_, a_end), (b, _) in zip(spans, spans[1:])):
+        raise bad("two tensors overlap")
+    end = spans[-1][1] if spans else 0
     if 8 + header_len + end != size:
         raise CheckpointError(
-            f"{f.name} is truncated or padded: header describes {8 + header_len + end} bytes, file has {size}",
+            f"{name} is truncated or padded: header describes {8 + header_len + end} bytes, file has {size}",
             where=str(f),
             fix=fix,
         )
+    return elements
 
 
 def open_source(checkpoint: str, family_key: str, revision: str | None, cache_root: Path, where: str) -> Source:
     path = resolve_checkpoint(checkpoint, revision, cache_root, where)
     config = read_config(path, where)
     family = check_family(config, family_key, path, where)
-    weights = check_safetensors(path, where)
-    return Source(path=path, checkpoint=checkpoint, revision=revision, family=family, config=config, weight_files=weights)
+    check_config_keys(config, path)
+    weights, elements = check_safetensors(path, where)
+    return Source(path=path, checkpoint=checkpoint, revision=revision, family=family, config=config,
+                  weight_files=weights, weight_elements=elements)
+
+
+# Keys every vision-language checkpoint of the supported families has. Without them transformers falls back
+# to its built-in defaults (a 7B-sized model) and a tiny checkpoint would be instantiated at full size.
+REQUIRED_CONFIG_KEYS = ("text_config", "vision_config", "image_token_id", "vision_start_token_id",
+                        "vision_end_token_id")
+PARAMETER_SLACK = 1.02  # the model may hold at most this much more than the checkpoint (buffers, rounding)
+
+
+def check_config_keys(config: dict, path: Path) -> None:
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(
+            f"config.json lacks {missing}: transformers would fill them with its defaults (a different, "
+            "full-size model)", where=str(path / "config.json"),
+            fix="use the config.json that came with the checkpoint (every Qwen-VL release has these keys)")
+    for k in ("text_config", "vision_config"):
+        if not isinstance(config[k], dict):
+            raise CheckpointError(f"config.json: {k} is not an object", where=str(path / "config.json"),
+                                  fix="use the config.json that came with the checkpoint")
+
+
+def check_model_size(source: Source, hf_config) -> int:
+    """Count the parameters `hf_config` describes (on the meta device: no memory) and refuse a config that
+    describes more than the checkpoint holds, before any model is instantiated. Returns the count."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, source.family.hf_class)
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(hf_config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"config.json does not describe a valid model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                              where=str(source.path / "config.json"),
+                              fix="use the config.json that came with the checkpoint") from None
+    count = sum(p.numel() for p in model.parameters())
+    if count > source.weight_elements * PARAMETER_SLACK:
+        raise CheckpointError(
+            f"config.json describes a model of {count / 1e6:.1f} M parameters, but the safetensors files hold "
+            f"{source.weight_elements / 1e6:.1f} M values: the config does not belong to these weights",
+            where=str(source.path / "config.json"),
+            fix="use the config.json that came with the checkpoint, or complete the weight files")
+    return count
 
 
 def load_model(source: Source, trust_remote_code: bool = False, dtype: str = "float32"):

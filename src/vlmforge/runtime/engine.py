@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlmforge.contracts import TensorSpec, diff_contract
+
 _ORT_TO_NP = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -22,12 +24,54 @@ _ORT_TO_NP = {
 }
 
 
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8"}
+
+
+def session_io(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A session's graph inputs and outputs as TensorSpecs (symbolic dims by name), to diff with a contract."""
+    def spec(arg) -> TensorSpec:
+        dims = tuple(d if isinstance(d, int) else str(d) for d in (arg.shape or ()))
+        return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), dims)
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+
+
+def contract_problems(graph: "Graph", component: dict) -> list[str]:
+    """How a loaded graph differs from the manifest's component contract (names, dtypes, every dim)."""
+    declared = lambda key: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in component[key])  # noqa: E731
+    inputs, outputs = session_io(graph.session)
+    return diff_contract(inputs, declared("inputs"), "input") + diff_contract(outputs, declared("outputs"), "output")
+
+
+def precision_problems(path: Path, precision: str) -> list[str]:
+    """Does the graph hold the weights its precision label says? (An FP16 graph under an `fp32` label runs
+    without any error and answers differently.) Reads the graph without its external data."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    fp16 = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    nbits = sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node)
+    if precision == "fp32" and (fp16 or nbits):
+        return [f"labelled fp32 but holds {fp16} float16 initializers and {nbits} 4-bit quantized nodes"]
+    if precision == "fp16" and (not fp16 or nbits):
+        return [f"labelled fp16 but holds {fp16} float16 initializers and {nbits} 4-bit quantized nodes"]
+    return []  # int4 stages may legitimately keep every weight float (nothing quantizable): not judged here
+
+
 def make_session(path: Path, providers: list[str] | None = None, threads: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...): one answer
+        from vlmforge.errors import ArtifactError
+
+        raise ArtifactError(f"onnxruntime cannot load {Path(path).name}: {type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}", where=str(path),
+                            fix="rebuild the artifact set, or fetch the release again") from None
 
 
 class Graph:

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from vlmforge.errors import ArtifactError, InputError
-from vlmforge.manifest import MANIFEST, read_manifest
+from vlmforge.manifest import MANIFEST, RELEASE_FILES, check_verified
+from vlmforge.paths import confine
 from vlmforge.runtime import prompt as P
 from vlmforge.runtime.engine import Engine, KVLayout
 from vlmforge.runtime.genai_config import GENAI_CONFIG, RUNTIME_CONFIG
@@ -37,7 +38,6 @@ from vlmforge.runtime.kv import MODES, device_of
 from vlmforge.runtime.loop import GenerationStats, PromptInputs, TokenIds, decode_steps, prefill
 from vlmforge.runtime.preprocess import image_to_patches, load_image
 from vlmforge.runtime.sampling import sample_next
-from vlmforge.source import TOKENIZER_FILES, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,51 +46,19 @@ __all__ = ["Chat", "GenerationStats", "Pipeline", "SamplingParams", "verify_arti
 
 # -- artifact verification ----------------------------------------------------------------------------
 def resolve_inside(directory: Path, rel: str) -> Path:
-    """`directory/rel`, refusing absolute paths, `..` components and symlinks that lead outside."""
-    root = Path(directory).resolve()
-    pure = Path(rel)
-    if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
-        raise ArtifactError(
-            f"manifest lists a file outside the artifact directory: {rel!r}",
-            where=str(Path(directory) / MANIFEST),
-            fix="artifact manifests list plain relative paths; rebuild the artifact set",
-        )
-    path = (root / pure).resolve()
-    if path != root and root not in path.parents:
-        raise ArtifactError(
-            f"{rel} resolves to {path}, outside the artifact directory (symlink?)",
-            where=str(root / pure),
-            fix="replace the link by the file itself (or rebuild the artifact set)",
-        )
-    return path
+    """`directory/rel`, confined to the artifact set (vlmforge.paths.confine)."""
+    return confine(directory, rel, where=str(Path(directory) / MANIFEST))
 
 
 def verify_artifacts(directory: Path) -> dict:
-    """Read the manifest and check every listed file's size and sha256; returns the manifest."""
+    """The one verification (manifest.verify_dir): every listed file's size and sha256, no links, nothing
+    unlisted; then the manifest's own consistency. Returns the manifest."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    for rel, want in sorted(manifest["files"].items()):
-        path = resolve_inside(directory, rel)
-        if not path.is_file():
-            raise ArtifactError(
-                f"{rel} is missing (manifest expects sha256 {want['sha256']})",
-                where=str(path),
-                fix="restore the file from the original artifact set or rebuild it with `vlmforge export`",
-            )
-        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
-            raise ArtifactError(
-                f"{rel} does not match the manifest (expected sha256 {want['sha256']}, {want['bytes']} bytes)",
-                where=str(path),
-                fix="the file was modified or corrupted: restore it or rebuild the artifact set",
-            )
+    manifest = check_verified(directory, "the runtime loads verified sets only", RELEASE_FILES)
     for stage, comp in manifest["components"].items():
         if comp["file"] not in manifest["files"]:
             raise ArtifactError(f"component {stage} file {comp['file']} is not listed in the manifest's files",
                                 where=str(directory / MANIFEST), fix="rebuild the artifact set")
-    for name in TOKENIZER_FILES:  # AutoTokenizer would read these too: only verified ones may exist
-        if (directory / name).exists() and name not in manifest["files"]:
-            raise ArtifactError(f"{name} is in the artifact directory but not in the manifest",
-                                where=str(directory / name), fix="remove the file; tokenizer files must be listed")
     if not manifest["validation"]["passed"]:
         log.warning("%s: the manifest records no passing validation (built with validation off?)", directory)
     return manifest
@@ -255,7 +223,9 @@ class Pipeline:
             context = int(limit) if isinstance(limit, int) and limit < 10**8 else None
         if not isinstance(threads, int) or threads < 0:
             raise InputError(f"threads={threads!r}", where="Pipeline.load(threads=...)", fix="pass an integer >= 0 (0 = all cores)")
+        providers = check_providers(providers, "Pipeline.load(providers=...) / --provider")
         engine = Engine(files["vision"], files["embedding"], files["decoder"], layout, providers, threads)
+        check_engine(engine, manifest, files, str(directory / MANIFEST))
         return cls(directory, manifest, engine, tokenizer, context_length=context, eos=eos, pad=pad,
                    kv_mode=kv_mode, device=device_of(providers))
 
@@ -489,14 +459,58 @@ def layout_from_manifest(manifest: dict, where: str) -> KVLayout:
                             where=where, fix="rebuild the artifact set with this vlmforge version")
     kv = dec["past_key_values.0.key"]["shape"]
     deep = dec.get("deepstack_embeds")
-    return KVLayout(len(layers), int(kv[1]), int(kv[3]), int(deep["shape"][0]) if deep else 0,
-                    int(dec["inputs_embeds"]["shape"][2]))
+    try:
+        return KVLayout(len(layers), int(kv[1]), int(kv[3]), int(deep["shape"][0]) if deep else 0,
+                        int(dec["inputs_embeds"]["shape"][2]))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ArtifactError(f"the manifest's decoder contract has no fixed KV heads / head size / hidden size ({exc})",
+                            where=where, fix="rebuild the artifact set with this vlmforge version") from None
+
+
+def check_providers(providers, where: str) -> list[str] | None:
+    """Every requested execution provider must exist in this onnxruntime: no silent fallback to CPU."""
+    if providers is None:
+        return None
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown or not providers:
+        raise InputError(f"execution provider(s) {unknown or providers} are not available in this onnxruntime "
+                         f"({ort.__version__}); available: {available}", where=where,
+                         fix="pass one of the available providers (e.g. --provider CPUExecutionProvider), or install "
+                             "the onnxruntime build that has it (onnxruntime-gpu for CUDAExecutionProvider)")
+    return list(providers)
+
+
+def check_engine(engine: Engine, manifest: dict, files: dict, where: str) -> None:
+    """Each opened graph must be the one the manifest describes: its I/O (names, dtypes, dims) equals the
+    component's contract and its weights match the precision label. One error naming every difference."""
+    from vlmforge.runtime.engine import contract_problems, precision_problems
+
+    problems = []
+    for stage in ("vision", "embedding", "decoder"):
+        comp = manifest["components"][stage]
+        found = contract_problems(getattr(engine, stage), comp) + precision_problems(files[stage], comp["precision"])
+        problems += [f"{stage} ({comp['file']}): {p}" for p in found]
+    if problems:
+        raise ArtifactError("the graphs are not the ones the manifest describes: " + "; ".join(problems)[:1500],
+                            where=where, fix="rebuild the artifact set with `vlmforge export`, or fetch the release again")
 
 
 def _listed_json(directory: Path, manifest: dict, name: str) -> dict:
     if name not in manifest["files"]:
         return {}
-    return json.loads(resolve_inside(directory, name).read_text())
+    path = resolve_inside(directory, name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{name} is not valid JSON ({type(exc).__name__})", where=str(path),
+                            fix="rebuild the artifact set") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{name} holds a JSON {type(data).__name__}, not an object", where=str(path),
+                            fix="rebuild the artifact set")
+    return data
 
 
 def _eos_ids(*sources) -> tuple[int, ...]:
@@ -516,8 +530,8 @@ def _load_tokenizer(directory: Path):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot load the tokenizer: {exc}", where=str(directory),
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise ArtifactError(f"cannot load the tokenizer: {type(exc).__name__}: {str(exc)[:300]}", where=str(directory),
                             fix="the artifact set needs tokenizer.json + tokenizer_config.json; rebuild it") from exc
     if not getattr(tok, "chat_template", None):
         raise ArtifactError("the tokenizer has no chat template", where=str(directory),

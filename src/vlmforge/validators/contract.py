@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.contracts import StageContract, TensorSpec, diff_contract
 from vlmforge.validators.results import CheckResult
 
 _ONNX_DTYPES = {
@@ -28,23 +28,6 @@ def graph_io(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]
 
     inits = {i.name for i in model.graph.initializer}
     return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
-
-
-def diff_contract(actual: list[TensorSpec], declared: tuple[TensorSpec, ...], kind: str) -> list[str]:
-    problems = []
-    names_a, names_d = [t.name for t in actual], [t.name for t in declared]
-    if names_a != names_d:
-        problems.append(f"{kind} names {names_a} != contract {names_d}")
-    by_name = {t.name: t for t in actual}
-    for want in declared:
-        got = by_name.get(want.name)
-        if got is None:
-            continue
-        if got.dtype != want.dtype:
-            problems.append(f"{kind} {want.name!r} is {got.dtype}; contract says {want.dtype}")
-        if tuple(got.shape) != tuple(want.shape):
-            problems.append(f"{kind} {want.name!r} has shape {list(got.shape)}; contract says {list(want.shape)}")
-    return problems
 
 
 def check_contract(path: Path, contract: StageContract) -> list[CheckResult]:
