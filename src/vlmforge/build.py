@@ -27,7 +27,7 @@ from vlmforge import __version__
 from vlmforge.cache import (STAGE_READS, Entry, StageCache, digest, export_inputs, owner_tag, remove_stale, source_inputs,
                             transform_inputs, validation_inputs)
 from vlmforge.config import BuildConfig, resolve_image_size, to_dict
-from vlmforge.errors import CheckpointError, RecipeError, ValidationFailed
+from vlmforge.errors import CheckpointError, RecipeError, ValidationFailed, VlmforgeError, as_os_error, from_os_error
 from vlmforge.manifest import MANIFEST, hash_files, toolchain, validate_manifest, write_manifest
 from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
@@ -114,10 +114,10 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool 
                           fix="leave model.deepstack=keep (drop applies to Qwen3-VL)")
     t0 = time.perf_counter()
     # Everything that can be checked without writing is checked first: a bad input leaves no directory.
-    source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir),
-                         f"{recipe}: model.checkpoint")
     final = artifact_dir(cfg, image_size, recipe)
     check_replaceable(final)
+    source = open_source(cfg.model.checkpoint, family.key, cfg.model.revision, Path(cfg.cache_dir),
+                         f"{recipe}: model.checkpoint")
     run = _Run(cfg, family, source, final, image_size, StageCache(Path(cfg.cache_dir), force), progress or QUIET)
     run.timings["load"] = time.perf_counter() - t0
     report = run.execute()
@@ -169,6 +169,16 @@ class _Run:
         self.validation_short = ""
         self.exported: set[str] = set()  # stages whose FP32 export ran in this build (not taken from the cache)
 
+    def bytes_needed(self) -> int:
+        """Disk a build of this model needs: the FP32 set, and as much again for the stage cache when it
+        shares the file system (transformed sets are smaller: an upper bound)."""
+        one = self.parameters * 4 + (16 << 20)
+        try:
+            same = os.stat(Path(self.cfg.cache_dir)).st_dev == os.stat(self.final.parent).st_dev
+        except OSError:
+            same = True
+        return one * (2 if same else 1)
+
     # -- the model, on demand ---------------------------------------------------------------------------------------
     def model(self, why: str):
         if self._model is None:
@@ -211,9 +221,13 @@ class _Run:
                 manifest["variant"] = variant
             validate_manifest(manifest, str(self.staging / MANIFEST))  # before the rename: a bad manifest publishes nothing
             _publish(self.staging, final, manifest)
-        except BaseException:
+        except BaseException as exc:
             if self.staging.exists():
                 shutil.rmtree(self.staging, ignore_errors=True)
+            oserr = as_os_error(exc) if isinstance(exc, Exception) and not isinstance(exc, VlmforgeError) else None
+            if oserr is not None:  # disk full, read-only, ...: say where and how much, not a traceback
+                raise from_os_error(oserr, "building the artifact set", where=oserr.filename or str(final.parent),
+                                    needed=self.bytes_needed()) from None
             raise
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -328,9 +342,10 @@ def load_hf_config(source, trust_remote_code: bool = False):
     cls = getattr(transformers, source.family.hf_class).config_class
     try:
         return cls.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers validates configs with many error types (strict dataclasses, ...)
         raise CheckpointError(
-            f"transformers could not read config.json: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            f"transformers could not read config.json: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}",
             where=str(source.path / "config.json"),
             fix="check the folder is a complete Hugging Face checkpoint of this family",
         ) from exc

@@ -107,3 +107,21 @@ def from_os_error(exc: OSError, doing: str, where: str = "", needed: int | None 
     else:
         fix = "check the path and the file system"
     return FileSystemError(f"{reason} while {doing}", where=path, fix=fix)
+
+
+def as_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, one in its cause chain, or one a native library reports only in its
+    message (safetensors' Rust errors end in "(os error 28)")."""
+    import os
+    import re
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        m = re.search(r"\(os error (\d+)\)", str(seen))
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -372,16 +372,18 @@ def safe_extract(archive: Path, dest: Path) -> Path:
             members = tar.getmembers()  # headers only: the data is decompressed and skipped, not written
             top, files = _judge_members(members, bad)
             declared = _declared_sizes(tar, files, top, bad)
-            cap = sum(declared.values()) + EXTRACT_SLACK
+            cap, total = sum(declared.values()) + EXTRACT_SLACK, 0
+            for rel, m in sorted(files.items()):  # judged in full before anything is written
+                limit = declared.get(rel, EXTRACT_SLACK)
+                total += m.size
+                if m.size > limit or total > cap:
+                    raise bad(f"member {m.name!r} is {m.size} bytes; its manifest allows {limit} "
+                              f"({cap} bytes for the whole release)")
             root = Path(dest) / top
             root.mkdir()
             written = 0
             for rel, m in sorted(files.items()):
-                limit = declared.get(rel, EXTRACT_SLACK)
-                if m.size > limit or written + m.size > cap:
-                    raise bad(f"member {m.name!r} is {m.size} bytes; its manifest allows {limit} "
-                              f"({cap} bytes for the whole release)")
-                written += _extract_member(tar, m, root / rel, m.size)
+                written += _extract_member(tar, m, root / rel, min(m.size, cap - written))
             while tar.fileobj.read(_CHUNK):  # read to the gzip trailer so its CRC is checked too
                 pass
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
