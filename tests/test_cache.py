@@ -91,6 +91,17 @@ def test_a_temp_folder_of_a_dead_writer_is_never_used_and_is_removed(tmp_path):
     assert not hit and not dead.exists() and (entry.path / "vision.onnx").read_bytes() == b"whole"
 
 
+def test_a_dead_writers_temp_folder_is_removed_on_a_cache_hit_too(tmp_path):
+    cache = C.StageCache(tmp_path)
+    key = "13" * 32
+    cache.get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"whole"))
+    dead = cache.slot("fam", "vision") / f".tmp-{key[:12]}-{C._host()}-{_dead_pid()}"
+    dead.mkdir()
+    (dead / "vision.onnx").write_bytes(b"partial, left by a killed build")
+    entry, hit = cache.get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"never called"))
+    assert hit and not dead.exists() and (entry.path / "vision.onnx").read_bytes() == b"whole"
+
+
 def test_force_rebuilds_an_existing_entry(tmp_path):
     key = "34" * 32
     C.StageCache(tmp_path).get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"old"))

@@ -425,6 +425,8 @@ def _copy_runtime_files(src: Path, dst: Path) -> None:
     for name in RUNTIME_FILES:
         if (src / name).is_file():
             real = checkpoint_file(src, name, f"checkpoint file {name}")
+            if real != src.resolve() / name:
+                log.info("%s: copied from %s (a link in the checkpoint)", name, real)
             shutil.copyfile(real, dst / name)
 
 
