@@ -109,6 +109,15 @@ def test_export_on_a_full_disk_says_where_and_how_much(capsys, work_dirs, tmp_pa
         assert manifests_under(fs) == [] and not any(p.name.startswith(".") for p in fs.rglob("*"))
 
 
+def test_export_with_a_full_cache_disk_during_onnx_save(capsys, tmp_path, fixture_ckpt):
+    with small_fs(tmp_path / "tiny", "600k") as fs:
+        err = assert_refused(cli(capsys, "export", f"out_dir={tmp_path / 'o'}", f"cache_dir={fs}", "validate=off",
+                                 f"model.checkpoint={fixture_ckpt}"), "FileSystemError", "no space left", "is needed")
+        assert "vlmforge bug" not in err
+        assert not [p for p in fs.rglob("*.onnx")]  # the half-written graph went with its temp folder
+    assert manifests_under(tmp_path / "o") == []
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------------------
 def test_export_never_copies_a_linked_tokenizer_file_from_outside(capsys, work_dirs, tmp_path, fixture_ckpt, sentinel):
     ck = ckpt_copy(fixture_ckpt, tmp_path / "ck")

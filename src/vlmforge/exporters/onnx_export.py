@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import onnx
 import torch
 
-from vlmforge.errors import ExportError
+from vlmforge.errors import ExportError, as_os_error, from_os_error
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ def export_module(
                     verbose=False,
                 )
         except Exception as exc:  # torch raises many types here; re-raise as one user-facing error
+            oserr = as_os_error(exc)
+            if oserr is not None:  # the disk, not the exporter: say where and how much
+                raise from_os_error(oserr, f"writing the {stage or 'stage'} graph", where=str(out_path),
+                                    needed=2 * sum(p.numel() * p.element_size() for p in module.parameters())) from None
             raise ExportError(
                 f"torch.onnx export of stage {stage or module.__class__.__name__} failed: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}",
