@@ -164,8 +164,10 @@ class _Run:
             transforms = {s: r for s in STAGES if (r := self._stage(s)) is not None}
             contracts = {s: precision_contract(c, self.precision[s], self.cfg.precision) for s, c in self.contracts.items()}
             _copy_runtime_files(self.source.path, self.staging)
-            params = image_params(self.source.path, self.hf_config, self.options.image_size)
-            write_runtime_configs(self.staging, self.family.key, self.hf_config, contracts, params, self.deepstack)
+            params = image_params(self.source.path, self.hf_config, self.options.image_size,
+                                  self.family.image.mean, self.family.image.std)
+            write_runtime_configs(self.staging, self.family.key, self.family.genai_type, self.hf_config, contracts, params,
+                                  self.deepstack)
             checks, variant = self._validation(contracts, params)
             if not all(c.passed for c in checks):
                 failed_dir = _park_failed(self.staging, final, checks)

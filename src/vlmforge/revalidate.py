@@ -49,6 +49,7 @@ def revalidate(directory: Path) -> list[CheckResult]:
                                 where=f"{directory}/manifest.json", fix="rebuild the artifact set")
     precisions = {s: m["components"][s]["precision"] for s in contracts}
     dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
-    inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, image_params(source.path, model.config, size),
+    params = image_params(source.path, model.config, size, family.image.mean, family.image.std)
+    inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
     return run_suite(inp, model, source.path, cfg.validate, validation_images(cfg.validate)).checks

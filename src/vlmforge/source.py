@@ -52,11 +52,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def fixture_fingerprint(family_key: str, trained: bool = False) -> str:
     """Hash of the code (and shipped weights) that write a family's embedded fixture: a changed fixture
     never reuses a stale cache."""
+    import inspect
+
     import vlmforge.fixtures as fx
 
     root = Path(fx.__file__).parent
     files = [root / "tokens.py", root / "tokenizer.py", root / "checkpoint.py",
-             root.parent / "families" / family_key / "fixture.py"]
+             Path(inspect.getsourcefile(get_family(family_key).write_fixture))]
     if trained:
         files += [root / "trained.py", root / "trained" / "SHA256SUMS"]
     h = hashlib.sha256()

@@ -68,7 +68,7 @@ def hf(work_dirs):
 
     src = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     m = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).eval()
-    return Reference("qwen2_5_vl", m, src, image_params(src, m.config, 392))
+    return Reference("qwen2_5_vl", m, src, image_params(src, m.config, 392, *_clip_mean_std()))
 
 
 def hf_generate(ref, prompt: str, paths, n: int) -> tuple[list[int], np.ndarray]:
@@ -172,7 +172,7 @@ def test_genai_files_only_for_sets_genai_runs_faithfully(tmp_path):
         contracts = {"vision": vision_contract(cfg, 384, deepstack=deepstack),
                      "embedding": embedding_contract(cfg.text_config.hidden_size, layers),
                      "decoder": decoder_contract(cfg.text_config, layers)}
-        written = {p.name for p in write_runtime_configs(d, "qwen3_vl", cfg, contracts, params, deepstack)}
+        written = {p.name for p in write_runtime_configs(d, "qwen3_vl", "qwen3_vl", cfg, contracts, params, deepstack)}
         runtime = json.loads((d / RUNTIME_CONFIG).read_text())
         assert runtime["context_length"] == cfg.text_config.max_position_embeddings
         if deepstack:
@@ -212,3 +212,10 @@ def test_qwen3_vl_with_deepstack_gets_no_genai_config(qwen3_384):
 
 
 PROMPT3 = "Describe this image in detail."
+
+
+def _clip_mean_std():
+    from vlmforge.registry import get_family
+
+    image = get_family("qwen2_5_vl").image
+    return image.mean, image.std

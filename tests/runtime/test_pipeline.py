@@ -50,7 +50,7 @@ def hf(work_dirs):
 
     src = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).eval()
-    return Reference("qwen2_5_vl", model, src, image_params(src, model.config, 392))
+    return Reference("qwen2_5_vl", model, src, image_params(src, model.config, 392, *_clip_mean_std()))
 
 
 def hf_greedy(ref, prompt: str, image_paths, n: int) -> list[int]:
@@ -382,3 +382,10 @@ def test_decode_past_the_capacity_is_refused(pipe):
         state.step([5])  # capacity = prompt + max_new_tokens: one decode step fits
         with pytest.raises(InputError, match="does not fit the KV cache"):
             state.step([6])
+
+
+def _clip_mean_std():
+    from vlmforge.registry import get_family
+
+    image = get_family("qwen2_5_vl").image
+    return image.mean, image.std

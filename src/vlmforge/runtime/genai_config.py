@@ -7,7 +7,7 @@
   faithfully: Qwen2.5-VL always, Qwen3-VL only with DeepStack dropped — 0.18 has no DeepStack path,
   field notes §9). Its JSON parser rejects unknown keys, so this file holds nothing of vlmforge's own.
   Schema: `src/config.cpp` of microsoft/onnxruntime-genai (Model_Element, Decoder_Element,
-  Embedding_Element, Vision_Element, Search_Element); the model type `qwen2_5_vl` / `qwen3_vl` without
+  Embedding_Element, Vision_Element, Search_Element); the family's model type (FamilySpec.genai_type) without
   a `decoder.pipeline` selects its MultiModalLanguageModel (vision -> embedding -> decoder sessions,
   3-D MRoPE positions computed by the runtime, vision run once per image with `image_grid_thw [1, 3]`).
 * `processor_config.json`: the onnxruntime-extensions image pipeline DecodeImage -> ConvertRGB ->
@@ -29,12 +29,11 @@ from vlmforge.errors import ContractError
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 RUNTIME_CONFIG = "runtime_config.json"
-GENAI_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 
 
-def genai_loadable(family_key: str, deepstack: bool) -> tuple[bool, str]:
-    """(loadable, reason) for onnxruntime-genai 0.18."""
-    if family_key not in GENAI_TYPES:
+def genai_loadable(family_key: str, genai_type: str | None, deepstack: bool) -> tuple[bool, str]:
+    """(loadable, reason) for onnxruntime-genai 0.18; `genai_type` is the family's FamilySpec.genai_type."""
+    if not genai_type:
         return False, f"onnxruntime-genai has no model type for family {family_key!r}"
     if deepstack:
         return False, ("onnxruntime-genai 0.18 has no DeepStack path; build with model.deepstack=drop for a "
@@ -42,12 +41,14 @@ def genai_loadable(family_key: str, deepstack: bool) -> tuple[bool, str]:
     return True, ""
 
 
-def write_runtime_configs(directory: Path, family_key: str, hf_config, contracts: dict, params, deepstack: bool) -> list[Path]:
-    """Write the runtime config files into `directory`; return their paths."""
+def write_runtime_configs(directory: Path, family_key: str, genai_type: str | None, hf_config, contracts: dict, params,
+                          deepstack: bool) -> list[Path]:
+    """Write the runtime config files into `directory`; return their paths. `genai_type` is the family's
+    onnxruntime-genai model type (None: the runtime cannot load the family)."""
     directory = Path(directory)
     tc = hf_config.text_config
     ids = token_ids(hf_config, _generation_config(directory))
-    loadable, reason = genai_loadable(family_key, deepstack)
+    loadable, reason = genai_loadable(family_key, genai_type, deepstack)
     runtime = {
         "format": "vlmforge-runtime",
         "version": 1,
@@ -59,9 +60,9 @@ def write_runtime_configs(directory: Path, family_key: str, hf_config, contracts
     }
     written = [_write_json(directory / RUNTIME_CONFIG, runtime)]
     if loadable:
-        genai = genai_config(family_key, hf_config, contracts, params, ids)
+        genai = genai_config(genai_type, hf_config, contracts, params, ids)
         written.append(_write_json(directory / GENAI_CONFIG, genai))
-        written.append(_write_json(directory / PROCESSOR_CONFIG, processor_config(family_key, params)))
+        written.append(_write_json(directory / PROCESSOR_CONFIG, processor_config(family_key, genai_type, params)))
     return written
 
 
@@ -78,13 +79,13 @@ def token_ids(hf_config, generation_config: dict) -> dict:
     return {"eos": eos, "pad": pad if pad is not None else (eos[0] if eos else 0), "bos": bos}
 
 
-def genai_config(family_key: str, hf_config, contracts: dict, params, ids: dict) -> dict:
+def genai_config(genai_type: str, hf_config, contracts: dict, params, ids: dict) -> dict:
     tc = hf_config.text_config
     dec, emb, vis = contracts["decoder"], contracts["embedding"], contracts["vision"]
     kv = _kv_dims(dec)
     context = int(tc.max_position_embeddings)
     model = {
-        "type": GENAI_TYPES[family_key],
+        "type": genai_type,
         "context_length": context,
         "vocab_size": int(tc.vocab_size),
         "eos_token_id": ids["eos"],
@@ -154,7 +155,8 @@ def genai_config(family_key: str, hf_config, contracts: dict, params, ids: dict)
     return {"model": model, "search": search}
 
 
-def processor_config(family_key: str, params) -> dict:
+def processor_config(family_key: str, genai_type: str, params) -> dict:
+    """The onnxruntime-extensions image pipeline; `Normalize` carries the genai model type as a flag."""
     def op(name: str, kind: str, **attrs) -> dict:
         out = {"name": name, "type": kind}
         if attrs:
@@ -170,7 +172,7 @@ def processor_config(family_key: str, params) -> dict:
                 op("resize", "Resize", width=int(params.size), height=int(params.size), smart_resize=0,
                    patch_size=int(params.patch_size), merge_size=int(params.merge_size)),
                 op("rescale", "Rescale", rescale_factor=1 / 255),
-                op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{GENAI_TYPES[family_key]: 1}),
+                op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{genai_type: 1}),
                 op("patch_image", "PatchImage", patch_size=int(params.patch_size),
                    temporal_patch_size=int(params.temporal_patch_size), merge_size=int(params.merge_size)),
             ],

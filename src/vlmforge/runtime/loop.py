@@ -40,7 +40,6 @@ class TokenIds:
     vision_start: int
     eos: tuple[int, ...]
     merge_size: int
-    family: str
 
 
 @dataclass
@@ -167,7 +166,7 @@ def prefill(
     embeds, deep_embeds = engine.embed(input_ids, features, deepstack)
     positions, deltas = mrope.rope_index(
         input_ids, mask, grids, image_token_id=ids.image, vision_start_token_id=ids.vision_start,
-        spatial_merge_size=ids.merge_size, family=ids.family,
+        spatial_merge_size=ids.merge_size,
     )
     seq = input_ids.shape[1]
     decoder = BoundDecoder(engine.decoder, engine.layout, batch=len(rows), capacity=seq + max(max_new_tokens, 0),

@@ -6,7 +6,8 @@ tokens advance all three axes by one; an image of merged grid (t, h, w) starting
 t-ids ``p + arange(t)``, h-ids ``p + row`` and w-ids ``p + col``, and the text after it resumes at
 ``p + max(h, w)``. The families differ only for videos (Qwen2.5-VL scales the temporal axis by
 ``tokens_per_second * second_per_grid_ts``; Qwen3-VL splits a video into one grid per frame and separates
-frames with timestamp text), which is why `family` is an argument.
+frames with timestamp text); since vlmforge handles images only, nothing here depends on the family. Video
+support would add the scheme as a FamilySpec fact and an argument here.
 
 HF finds the images through `mm_token_type_ids` (runs of image tokens), not through the vision-start
 token; this module does the same and additionally requires every image run to sit right after a
@@ -26,9 +27,7 @@ import numpy as np
 
 from vlmforge.errors import InputError
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-
-__all__ = ["FAMILIES", "decode_position_ids", "rope_index"]
+__all__ = ["decode_position_ids", "rope_index"]
 
 
 def rope_index(
@@ -39,7 +38,6 @@ def rope_index(
     image_token_id: int,
     vision_start_token_id: int | None,
     spatial_merge_size: int,
-    family: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Prefill position ids ``[3, B, S]`` and ``rope_deltas [B, 1]`` (both int64), as HF `get_rope_index`.
 
@@ -47,12 +45,6 @@ def rope_index(
     consumed from `image_grid_thw` (``[n_images, 3]``, patch grid before merging) in batch-major order.
     `vision_start_token_id=None` skips the check that each image follows a vision-start token.
     """
-    if family not in FAMILIES:
-        raise InputError(
-            f"unknown model family {family!r} for MRoPE position ids",
-            where="vlmforge.runtime.mrope.rope_index",
-            fix=f"pass one of {', '.join(FAMILIES)}",
-        )
     ids = _as_2d_int(input_ids, "input_ids")
     mask = _mask_or_ones(attention_mask, ids.shape)
     grids = _grids(image_grid_thw)

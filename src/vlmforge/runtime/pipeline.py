@@ -218,7 +218,7 @@ class Pipeline:
             "std": tuple(pp.get("std", (0.5, 0.5, 0.5))),
         }
         tid = manifest["token_ids"]
-        self.ids = TokenIds(int(tid["image"]), int(tid["vision_start"]), tuple(eos), self._pp["merge_size"], self.family)
+        self.ids = TokenIds(int(tid["image"]), int(tid["vision_start"]), tuple(eos), self._pp["merge_size"])
         self.pad_id = int(pad)
         self.context_length = context_length
         self.kv_mode = kv_mode

@@ -19,7 +19,7 @@ def token_ids(ref: Reference) -> TokenIds:
     if eos is None:
         eos = cfg.text_config.eos_token_id
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    return TokenIds(cfg.image_token_id, cfg.vision_start_token_id, eos, ref.params.merge_size, ref.family_key)
+    return TokenIds(cfg.image_token_id, cfg.vision_start_token_id, eos, ref.params.merge_size)
 
 
 def run_chain(engine: Engine, ref: Reference, prompt: str, images, n_tokens: int):

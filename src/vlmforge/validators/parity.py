@@ -78,7 +78,7 @@ def check_decoder(engine: Engine, ref: Reference, image, tol: dict, deepstack: b
     dense = ref.deepstack_dense(ids, ds) if deepstack else None
     positions, deltas = mrope.rope_index(
         ids, mask, grid.numpy(), image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
-        spatial_merge_size=ref.params.merge_size, family=ref.family_key,
+        spatial_merge_size=ref.params.merge_size,
     )
     logits, past = engine.decode(embeds, mask, positions, engine.empty_past(2), dense)
     want = ref.logits(ids, mask, pv, grid)

@@ -129,7 +129,7 @@ def _versus_fp32_onnx(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, im
 
         pos, _ = mrope.rope_index(ids, None, grid.numpy(), image_token_id=ref.config.image_token_id,
                                   vision_start_token_id=ref.config.vision_start_token_id,
-                                  spatial_merge_size=ref.params.merge_size, family=inp.family_key)
+                                  spatial_merge_size=ref.params.merge_size)
         got, _ = engine.decode(emb, np.ones_like(ids), pos, engine.empty_past(1), deep)
         want, _ = base.decode(emb, np.ones_like(ids), pos, base.empty_past(1), deep)
         out += compare("decoder", "prefill logits vs FP32 ONNX", got, want,
