@@ -194,8 +194,8 @@ def bench_eager(source: Path, image_size: int, image: str, tokens: int, repeats:
     import torch
     from transformers import AutoTokenizer
 
-    from vlmforge.runtime import prompt as P
-    from vlmforge.runtime.preprocess import load_image
+    from vlmforge.host import prompt as P
+    from vlmforge.host.preprocess import load_image
 
     model = load_eager(source)
     tok = AutoTokenizer.from_pretrained(str(source))
@@ -235,7 +235,7 @@ def bench_vision(directory: Path, source: Path, image: str, repeats: int) -> dic
 
     from vlmforge.manifest import read_manifest
     from vlmforge.runtime.engine import Graph
-    from vlmforge.runtime.preprocess import load_image
+    from vlmforge.host.preprocess import load_image
 
     size = read_manifest(directory)["components"]["vision"]["image_size"]
     proc = _image_processor(source)

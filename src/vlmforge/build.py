@@ -33,7 +33,7 @@ from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
 from vlmforge.runtime.genai_config import write_runtime_configs
 from vlmforge.source import TOKENIZER_FILES, load_model, open_source
-from vlmforge.validators.reference import image_params
+from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ def precision_contract(contract, precision: str, pcfg):
 
 
 def validation_images(vcfg) -> list:
-    from vlmforge.runtime.preprocess import load_image
+    from vlmforge.host.preprocess import load_image
 
     if vcfg.images:
         return [load_image(p) for p in vcfg.images]

@@ -10,7 +10,7 @@ from vlmforge.contracts import StageContract, TensorSpec
 from vlmforge.manifest import read_manifest, verify_dir
 from vlmforge.errors import ArtifactError
 from vlmforge.source import load_model, open_source
-from vlmforge.validators.reference import image_params
+from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult
 from vlmforge.validators.suite import SuiteInputs, run_suite
 

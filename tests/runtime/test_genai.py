@@ -14,7 +14,7 @@ import torch
 
 from vlmforge.fixtures.images import sample_image
 from vlmforge.runtime.genai_config import GENAI_CONFIG, PROCESSOR_CONFIG, RUNTIME_CONFIG, write_runtime_configs
-from vlmforge.runtime.preprocess import image_to_patches, load_image
+from vlmforge.host.preprocess import image_to_patches, load_image
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -64,7 +64,8 @@ def hf(work_dirs):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vlmforge.source import fixture_dir
-    from vlmforge.validators.reference import Reference, image_params
+    from vlmforge.host.image import image_params
+    from vlmforge.validators.reference import Reference
 
     src = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     m = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).eval()
@@ -73,7 +74,7 @@ def hf(work_dirs):
 
 def hf_generate(ref, prompt: str, paths, n: int) -> tuple[list[int], np.ndarray]:
     """Greedy HF generate stopping at EOS; (tokens, per-step logits [T, V])."""
-    from vlmforge.runtime.prompt import mm_token_type_ids
+    from vlmforge.host.prompt import mm_token_type_ids
 
     ids = torch.tensor([ref.prompt_ids(prompt, len(paths))])
     kw = {"mm_token_type_ids": torch.from_numpy(mm_token_type_ids(ids.numpy(), ref.config.image_token_id))}
@@ -161,7 +162,7 @@ def test_genai_files_only_for_sets_genai_runs_faithfully(tmp_path):
     from vlmforge.exporters.embedding import embedding_contract
     from vlmforge.families.qwen3_vl.fixture import tiny_config
     from vlmforge.families.qwen3_vl.vision import vision_contract
-    from vlmforge.validators.reference import ImageParams
+    from vlmforge.host.image import ImageParams
 
     cfg = tiny_config()
     params = ImageParams(384, 16, 2, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -46,7 +46,8 @@ def hf(work_dirs):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vlmforge.source import fixture_dir
-    from vlmforge.validators.reference import Reference, image_params
+    from vlmforge.host.image import image_params
+    from vlmforge.validators.reference import Reference
 
     src = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).eval()
@@ -55,8 +56,8 @@ def hf(work_dirs):
 
 def hf_greedy(ref, prompt: str, image_paths, n: int) -> list[int]:
     """HF generate, greedy, stopping at EOS like the runtime (no min_new_tokens)."""
-    from vlmforge.runtime.preprocess import load_image
-    from vlmforge.runtime.prompt import mm_token_type_ids
+    from vlmforge.host.preprocess import load_image
+    from vlmforge.host.prompt import mm_token_type_ids
 
     ids = torch.tensor([ref.prompt_ids(prompt, len(image_paths))])
     kw = {"mm_token_type_ids": torch.from_numpy(mm_token_type_ids(ids.numpy(), ref.config.image_token_id))}

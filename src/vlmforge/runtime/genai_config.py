@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from vlmforge.errors import ContractError
+from vlmforge.host.tokens import eos_ids, pad_id
 
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -69,14 +70,11 @@ def write_runtime_configs(directory: Path, family_key: str, genai_type: str | No
 def token_ids(hf_config, generation_config: dict) -> dict:
     """EOS list (generation_config first, then the text config's, de-duplicated), pad, bos."""
     tc = hf_config.text_config
-    eos: list[int] = []
-    for source in (generation_config.get("eos_token_id"), getattr(tc, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        for e in (source if isinstance(source, (list, tuple)) else [source]):
-            if e is not None and int(e) not in eos:
-                eos.append(int(e))
-    pad = generation_config.get("pad_token_id", getattr(tc, "pad_token_id", None))
+    eos = list(eos_ids(generation_config.get("eos_token_id"), getattr(tc, "eos_token_id", None),
+                       getattr(hf_config, "eos_token_id", None)))
+    pad = pad_id(generation_config.get("pad_token_id", getattr(tc, "pad_token_id", None)), eos)
     bos = generation_config.get("bos_token_id", getattr(tc, "bos_token_id", None))
-    return {"eos": eos, "pad": pad if pad is not None else (eos[0] if eos else 0), "bos": bos}
+    return {"eos": eos, "pad": pad, "bos": bos}
 
 
 def genai_config(genai_type: str, hf_config, contracts: dict, params, ids: dict) -> dict:

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from vlmforge.runtime import mrope
+from vlmforge.host import mrope
+from vlmforge.host.tokens import left_pad
 from vlmforge.runtime.engine import Engine
 from vlmforge.runtime.kv import BoundDecoder
 
@@ -84,17 +85,6 @@ def encode_images(engine: Engine, images) -> tuple[np.ndarray | None, np.ndarray
         np.concatenate(deep, 1) if deep else None,
         np.concatenate(grids, 0).astype(np.int64),
     )
-
-
-def left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids [B, S] and attention mask [B, S]."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 class DecodeState:

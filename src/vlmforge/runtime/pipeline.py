@@ -30,12 +30,13 @@ import numpy as np
 
 from vlmforge.errors import ArtifactError, InputError
 from vlmforge.manifest import MANIFEST, read_manifest
-from vlmforge.runtime import prompt as P
+from vlmforge.host import prompt as P
 from vlmforge.runtime.engine import Engine, KVLayout
 from vlmforge.runtime.genai_config import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.runtime.kv import MODES, device_of
 from vlmforge.runtime.loop import GenerationStats, PromptInputs, TokenIds, decode_steps, prefill
-from vlmforge.runtime.preprocess import image_to_patches, load_image
+from vlmforge.host.preprocess import image_to_patches, load_image
+from vlmforge.host.tokens import eos_ids
 from vlmforge.runtime.sampling import sample_next
 from vlmforge.source import TOKENIZER_FILES, sha256_file
 
@@ -500,15 +501,11 @@ def _listed_json(directory: Path, manifest: dict, name: str) -> dict:
 
 
 def _eos_ids(*sources) -> tuple[int, ...]:
-    out: list[int] = []
-    for s in sources:
-        for e in (s if isinstance(s, (list, tuple)) else [s]):
-            if e is not None and int(e) not in out:
-                out.append(int(e))
+    out = eos_ids(*sources)
     if not out:
         raise ArtifactError("the artifact set names no end-of-sequence token", where="manifest token_ids.eos",
                             fix="rebuild the artifact set from a checkpoint whose config sets eos_token_id")
-    return tuple(out)
+    return out
 
 
 def _load_tokenizer(directory: Path):

@@ -14,7 +14,8 @@ from vlmforge.contracts import StageContract
 from vlmforge.errors import RecipeError
 from vlmforge.runtime.engine import Engine, KVLayout
 from vlmforge.validators import chain, contract, parity
-from vlmforge.validators.reference import ImageParams, Reference
+from vlmforge.host.image import ImageParams
+from vlmforge.validators.reference import Reference
 from vlmforge.validators.results import CheckResult
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _versus_fp32_onnx(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, im
                        tolerance(vcfg.tolerances, "embedding", inp.precisions["embedding"]))
     if inp.precisions["decoder"] != "fp32":
         emb, deep = base.embed(ids, feats, ds)
-        from vlmforge.runtime import mrope
+        from vlmforge.host import mrope
 
         pos, _ = mrope.rope_index(ids, None, grid.numpy(), image_token_id=ref.config.image_token_id,
                                   vision_start_token_id=ref.config.vision_start_token_id,

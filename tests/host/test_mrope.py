@@ -14,7 +14,7 @@ from vlmforge.errors import InputError
 from vlmforge.families.qwen2_5_vl.fixture import tiny_config as qwen2_5_vl_config
 from vlmforge.families.qwen3_vl.fixture import tiny_config as qwen3_vl_config
 from vlmforge.fixtures import tokens as T
-from vlmforge.runtime.mrope import decode_position_ids, rope_index
+from vlmforge.host.mrope import decode_position_ids, rope_index
 
 FAMILIES = {
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, qwen2_5_vl_config),
