@@ -126,12 +126,12 @@ class _Run:
         self.precision = {s: getattr(cfg.precision, s) for s in STAGES}
         # The plan: one cache key per FP32 export, per transform, and for the validation of the whole set.
         tools, src = toolchain(), source_inputs(source)
-        self.export_in = {s: export_inputs(family.key, s, self.options, cfg, src, tools) for s in STAGES}
+        self.export_in = {s: export_inputs(family, s, self.options, cfg, src, tools) for s in STAGES}
         self.export_key = {s: digest(i) for s, i in self.export_in.items()}
         self.final_in = {s: (self.export_in[s] if p == "fp32" else transform_inputs(s, p, cfg.precision, self.export_key[s]))
                          for s, p in self.precision.items()}
         self.final_key = {s: digest(i) for s, i in self.final_in.items()}
-        self.validation_in = validation_inputs(self.final_key, self.export_key, cfg, source.path, RUNTIME_FILES)
+        self.validation_in = validation_inputs(family, self.final_key, self.export_key, cfg, source.path, RUNTIME_FILES)
         self.validation_key = digest(self.validation_in)
         tag = owner_tag()
         self.staging = final.parent / f".{final.name}.staging-{tag}"

@@ -17,7 +17,7 @@ from vlmforge.families import FAMILY_MODULES
 from vlmforge.families.spec import STAGES, FamilySpec, StageSpec
 
 __all__ = ["STAGES", "FamilySpec", "RegistryError", "StageSpec", "families", "family_for_architecture",
-           "get_family", "load_families"]
+           "family_module", "get_family", "load_families"]
 
 # Hook name -> how many positional arguments the build passes it.
 HOOK_ARITY = {"check_image_size": 2, "check_checkpoint_config": 2, "deepstack_layers": 1, "write_fixture": 1,
@@ -108,6 +108,12 @@ def get_family(key: str, where: str = "") -> FamilySpec:
             fix=f"use one of {sorted(_FAMILIES)}",
         )
     return _FAMILIES[key]
+
+
+def family_module(key: str) -> str:
+    """The module whose FAMILY is family `key` (its spec: hashed into the family's cache keys)."""
+    get_family(key)
+    return dict(FAMILY_MODULES)[key]
 
 
 def family_for_architecture(arch: str) -> FamilySpec | None:
