@@ -46,3 +46,10 @@ def test_a_planted_cycle_is_found(tmp_path):
     graph = read_graph(pkg, "pkg")
     assert graph.cycles() == [["pkg.a", "pkg.b", "pkg.c"]]
     assert "pkg.b" in graph.all_imports["pkg.c"] and "pkg.b" not in graph.module_level["pkg.c"]
+
+
+def test_the_core_layer_imports_only_errors_and_itself():
+    graph = read_graph(SRC, "vlmforge")
+    for module, imports in graph.all_imports.items():
+        if module.startswith("vlmforge.core"):
+            assert imports <= {"vlmforge.errors"} | {m for m in graph.files if m.startswith("vlmforge.core")}, module

@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 
 from vlmforge.codekey import export_code, transform_code, validation_code
 from vlmforge.registry import family_module
-from vlmforge.source import sha256_file
+from vlmforge.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vlmforge.build import validation_images
 from vlmforge.config import from_omegaconf
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract
 from vlmforge.manifest import read_manifest, verify_dir
 from vlmforge.errors import ArtifactError
 from vlmforge.source import load_model, open_source
@@ -16,8 +16,7 @@ from vlmforge.validators.suite import SuiteInputs, run_suite
 
 
 def contract_from_manifest(stage: str, comp: dict, meta: dict) -> StageContract:
-    spec = lambda t: TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))  # noqa: E731
-    return StageContract(stage, tuple(map(spec, comp["inputs"])), tuple(map(spec, comp["outputs"])), meta)
+    return StageContract.from_json(stage, comp, meta)
 
 
 def revalidate(directory: Path) -> list[CheckResult]:

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmforge.core.hashing import sha256_file
 from vlmforge.errors import CheckpointError
 from vlmforge.registry import FamilySpec, family_for_architecture, get_family
 
@@ -39,14 +40,6 @@ class Source:
     family: FamilySpec
     config: dict
     weight_files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fixture_fingerprint(family_key: str, trained: bool = False) -> str:

@@ -21,9 +21,9 @@ The decoder concatenates past and new keys/values, so `search.past_present_share
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from vlmforge.core.contracts import KVLayout
 from vlmforge.errors import ContractError
 from vlmforge.host.tokens import eos_ids, pad_id
 
@@ -179,19 +179,8 @@ def processor_config(family_key: str, genai_type: str, params) -> dict:
 
 
 def _kv_dims(dec) -> dict:
-    layers = sorted(int(m.group(1)) for n in dec.input_names if (m := re.fullmatch(r"past_key_values\.(\d+)\.key", n)))
-    if not layers or layers != list(range(len(layers))):
-        raise ContractError(
-            f"decoder contract has past key inputs for layers {layers}; expected 0..N-1",
-            where="decoder contract (vlmforge.runtime.genai_config)",
-            fix="export the decoder with flat past_key_values.{i}.key/value inputs",
-        )
-    shape = dec.input("past_key_values.0.key").shape
-    for i in layers:
-        for kind in ("key", "value"):
-            _need(dec, "inputs", f"past_key_values.{i}.{kind}")
-            _need(dec, "outputs", f"present.{i}.{kind}")
-    return {"num_layers": len(layers), "kv_heads": int(shape[1]), "head_dim": int(shape[3])}
+    layout = KVLayout.from_contract(dec, where="decoder contract (vlmforge.runtime.genai_config)")
+    return {"num_layers": layout.num_layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim}
 
 
 def _need(contract, side: str, name: str) -> str:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmforge.core.contracts import StageContract
 from vlmforge.errors import ArtifactError, InputError
 from vlmforge.manifest import MANIFEST, read_manifest
 from vlmforge.host import prompt as P
@@ -483,15 +483,8 @@ def _params(kwargs: dict, where: str) -> SamplingParams:
 
 def layout_from_manifest(manifest: dict, where: str) -> KVLayout:
     """KV layout from the decoder's (and embedding's) I/O contract recorded in the manifest."""
-    dec = {t["name"]: t for t in manifest["components"]["decoder"]["inputs"]}
-    layers = sorted(int(m.group(1)) for n in dec if (m := re.fullmatch(r"past_key_values\.(\d+)\.key", n)))
-    if not layers or layers != list(range(len(layers))) or "inputs_embeds" not in dec:
-        raise ArtifactError("the manifest's decoder contract has no flat past_key_values.{i}.key inputs / inputs_embeds",
-                            where=where, fix="rebuild the artifact set with this vlmforge version")
-    kv = dec["past_key_values.0.key"]["shape"]
-    deep = dec.get("deepstack_embeds")
-    return KVLayout(len(layers), int(kv[1]), int(kv[3]), int(deep["shape"][0]) if deep else 0,
-                    int(dec["inputs_embeds"]["shape"][2]))
+    return KVLayout.from_contract(StageContract.from_json("decoder", manifest["components"]["decoder"]), where,
+                                  error=ArtifactError)
 
 
 def _listed_json(directory: Path, manifest: dict, name: str) -> dict:

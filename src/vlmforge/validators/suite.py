@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vlmforge.contracts import StageContract
+from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.errors import RecipeError
-from vlmforge.runtime.engine import Engine, KVLayout
+from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
 from vlmforge.host.image import ImageParams
 from vlmforge.validators.reference import Reference
@@ -55,8 +55,7 @@ def tolerance(tolerances: dict, stage: str, precision: str) -> dict:
 
 def engine_for(directory: Path, contracts: dict[str, StageContract], providers=None, fallback: Path | None = None) -> Engine:
     """Engine over `directory`; a stage missing there is taken from `fallback` (FP32 stages of a mixed build)."""
-    meta = contracts["decoder"].meta
-    layout = KVLayout(meta["num_layers"], meta["kv_heads"], meta["head_dim"], meta.get("deepstack_layers", 0), meta["hidden"])
+    layout = KVLayout.from_contract(contracts["decoder"])
 
     def path(stage: str) -> Path:
         p = directory / f"{stage}.onnx"

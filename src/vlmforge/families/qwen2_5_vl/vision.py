@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.exporters.onnx_export import export_module
 from vlmforge.families.qwen2_5_vl import dims
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.errors import CheckpointError, ExportError, RecipeError
 from vlmforge.families.qwen3_vl import dims
 
