@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matrix", default="smoke", help="recipes/matrix/<name>.yaml (default: smoke)")
     p.add_argument("--work", default=str(REPO / ".work" / "compare"), help="where the worktrees and builds go")
     p.add_argument("overrides", nargs="*", help="recipe overrides applied to both builds")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     work = Path(args.work).resolve()
     out_a = build(args.a, work, args.matrix, args.overrides)
     out_b = build(args.b, work, args.matrix, args.overrides)
