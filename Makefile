@@ -18,7 +18,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MATRIX  ?= default
 FORCE_FLAG := $(if $(FORCE),--force,)
 
-.PHONY: help venv test export-all export repro-check bench train-fixtures clean distclean
+.PHONY: help venv test export-all export repro-check bench train-fixtures clean distclean compare-commits
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,3 +54,6 @@ clean:  ## remove artifacts and caches, the stage cache in .work/stages included
 
 distclean: clean  ## also remove the virtual environment
 	rm -rf $(VENV)
+
+compare-commits: $(STAMP)  ## build MATRIX (default smoke) at commits A and B, compare every file byte for byte: make compare-commits A=d7af6ec B=HEAD
+	$(PY) scripts/compare_commits.py $(A) $(B) --matrix $(if $(filter default,$(MATRIX)),smoke,$(MATRIX)) $(OVERRIDES)

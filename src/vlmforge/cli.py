@@ -398,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", help="recipes folder (default: ./recipes)")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="build one artifact set from a recipe (Hydra overrides)")
-    e.add_argument("overrides", nargs="*", help="e.g. model=qwen2_5_vl_3b model.checkpoint=/models/x vision=large")
+    e.add_argument("overrides", nargs="*", help="e.g. model=<recipe> model.checkpoint=/models/x vision=large")
     e.add_argument("--force", action="store_true", help="rebuild every stage and re-run validation (ignore the cache)")
     e.set_defaults(func=cmd_export)
     a = sub.add_parser("export-all", help="build every cell of a matrix recipe (one Hydra multirun)")
