@@ -26,7 +26,7 @@ help:  ## list targets
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,genai,launchers]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,genai,launchers,ray,slurm]'
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv from constraints.txt

@@ -1,0 +1,156 @@
+"""Each matrix cell as one Ray task, with the resources the cell needs (recipes/hydra/launcher/ray.yaml).
+
+Not hydra-ray-launcher 1.2.2: it gives every job the same `ray.remote` options (no per-cell memory), collects
+results with `ray.get` in submission order (the first dead worker aborts the collection while other cells
+still run), and pins `cloudpickle<3` and `ray[default]` + boto3. Here the submitting process waits with
+`ray.wait`, shows progress, and records a dead worker as that cell's failure.
+
+A local Ray (address null) is started on the loopback only (Ray's single-node mode,
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); address=auto, host:port or ray://host:10001 joins a running cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from vlmforge.errors import RecipeError
+from vlmforge.launch.resources import GB, CellResources
+
+log = logging.getLogger("vlmforge.launch")
+
+LOCAL_ONLY_KEYS = ("num_cpus", "num_gpus", "object_store_memory", "include_dashboard", "_memory")
+PROBE_TIMEOUT_S = 5.0
+_started_here = False
+
+
+def init_kwargs(init: dict) -> dict:
+    """ray.init() arguments: None values dropped; for an existing cluster the local-only ones too."""
+    out = {k: v for k, v in (init or {}).items() if v is not None}
+    if out.get("address"):
+        out = {k: v for k, v in out.items() if k not in LOCAL_ONLY_KEYS}
+    return out
+
+
+def probe_address(address: str, where: str) -> None:
+    """A bounded TCP connect to the head before ray.init, which would otherwise retry for a minute or more."""
+    target = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            target = canonicalize_bootstrap_address("auto")
+        except ConnectionError as exc:
+            raise RecipeError(f"no running Ray cluster found for address=auto ({exc})", where=where,
+                              fix="start one (ray start --head --node-ip-address 127.0.0.1), set RAY_ADDRESS, or "
+                                  "leave hydra.launcher.init.address=null to start a local Ray") from None
+    parsed = urlparse(target if "://" in target else f"ray://{target}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise RecipeError(f"Ray address {address!r} is not host:port or ray://host:port", where=where,
+                          fix="use auto, <head>:6379 or ray://<head>:10001")
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RecipeError(f"the Ray head at {host}:{port} does not answer ({exc.strerror or exc}; waited "
+                          f"{PROBE_TIMEOUT_S:.0f} s)", where=where,
+                          fix="check that the cluster is up (ray status on the head) and the address/port, or leave "
+                              "hydra.launcher.init.address=null to start a local Ray") from None
+
+
+def connect(init: dict, where: str) -> None:
+    """ray.init once per process: the preflight connects, the launcher then reuses the connection."""
+    global _started_here
+    kwargs = init_kwargs(init)
+    if kwargs.get("address"):
+        probe_address(str(kwargs["address"]), where)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(**kwargs)
+    except (ValueError, TypeError, ConnectionError, RuntimeError) as exc:
+        raise RecipeError(f"ray.init refused the launcher settings: {' '.join(str(exc).split())[:400]}", where=where,
+                          fix="check hydra.launcher.init (num_cpus and object_store_memory apply to a local Ray "
+                              "only)") from None
+    _started_here = not kwargs.get("address")
+
+
+def disconnect() -> None:
+    """Stop the local Ray this process started (a cluster it joined keeps running)."""
+    global _started_here
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
+@dataclass(frozen=True)
+class Node:
+    cpus: float
+    memory: int
+    gpus: float
+
+    def holds(self, r: CellResources) -> bool:
+        return r.num_cpus <= self.cpus and r.memory_bytes <= self.memory and r.num_gpus <= self.gpus
+
+
+def nodes() -> list[Node]:
+    import ray
+
+    return [Node(n["Resources"].get("CPU", 0), int(n["Resources"].get("memory", 0)), n["Resources"].get("GPU", 0))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(cells: dict[str, CellResources], where: str) -> None:
+    """A task no node can hold would wait forever (Ray only warns 'infeasible'): refuse it up front."""
+    alive = nodes()
+    for name, need in cells.items():
+        if not any(n.holds(need) for n in alive):
+            biggest = max(alive, key=lambda n: (n.memory, n.cpus), default=Node(0, 0, 0))
+            raise RecipeError(
+                f"cell {name} needs {need.describe()}; no Ray node has that much (largest: {biggest.cpus:g} CPU, "
+                f"{biggest.memory / GB:.1f} GB, {biggest.gpus:g} GPU; {len(alive)} node(s))", where=where,
+                fix="lower hydra.launcher.cell.num_cpus / hydra.launcher.cell.memory_gb, or add a node that large")
+
+
+def remote_options(need: CellResources, max_retries: int) -> dict:
+    """Ray retries a task whose worker died (not one whose cell failed: a cell never raises)."""
+    return {"num_cpus": need.num_cpus, "num_gpus": need.num_gpus, "memory": need.memory_bytes,
+            "max_retries": max_retries, "retry_exceptions": False}
+
+
+def wait_all(refs: list, watch, poll_s: float) -> dict:
+    """{ref: value or the RayError that ended it}, polling the cells' state files between completions."""
+    import ray
+    from ray.exceptions import RayError
+
+    pending, out = list(refs), {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+        for ref in ready:
+            try:
+                out[ref] = ray.get(ref)
+            except RayError as exc:
+                out[ref] = exc
+        watch.poll()
+    return out
+
+
+def death_reason(exc: Exception, retries: int) -> str:
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    tried = f" (after {retries} retry)" if retries else ""
+    return f"the Ray worker died{tried}: {type(exc).__name__}: {first[:240]}"
+
+
+def elapsed(t0: float) -> float:
+    return round(time.monotonic() - t0, 1)
