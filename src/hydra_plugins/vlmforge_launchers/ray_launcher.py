@@ -46,7 +46,7 @@ class VlmforgeRayLauncher(Launcher):
 
         from vlmforge.launch import ray_cells
         from vlmforge.launch.resources import cell_resources
-        from vlmforge.launch.watch import Watch, mark_queued, record_failure
+        from vlmforge.launch.watch import Watch, mark_queued
 
         setup_globals()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -64,16 +64,20 @@ class VlmforgeRayLauncher(Launcher):
                 self.hydra_context, cfg, self.task_function, Singleton.get_state())
             jobs.append((ref, cfg, overrides, name, log_file, result_file))
         watch = Watch([(j[3], j[5]) for j in jobs], "Ray", self.heartbeat_s)
-        outcome = ray_cells.wait_all([j[0] for j in jobs], watch, self.poll_s)
-        returns = []
-        for ref, cfg, overrides, name, log_file, result_file in jobs:
-            value = outcome[ref]
-            if isinstance(value, JobReturn) and value.status == JobStatus.COMPLETED:
-                returns.append(value)
-                continue
-            reason = (f"the cell raised {value._return_value!r}" if isinstance(value, JobReturn)
-                      else ray_cells.death_reason(value, self.max_retries))
-            log.error("cell %s: %s", name, reason)
-            returns.append(job_return(cfg, overrides, record_failure(result_file, name, log_file, reason)))
+        by_ref = {j[0]: j for j in jobs}
+        returns = ray_cells.wait_all(list(by_ref), watch, self.poll_s, lambda ref, value: self._done(by_ref[ref], value))
         watch.poll()
-        return returns
+        return [returns[j[0]] for j in jobs]
+
+    def _done(self, job, value) -> JobReturn:
+        """The cell's JobReturn; a task that ended without one (its worker died) is recorded as failed."""
+        from vlmforge.launch import ray_cells
+        from vlmforge.launch.watch import record_failure
+
+        _, cfg, overrides, name, log_file, result_file = job
+        if isinstance(value, JobReturn) and value.status == JobStatus.COMPLETED:
+            return value
+        reason = (f"the cell raised {value._return_value!r}" if isinstance(value, JobReturn)
+                  else ray_cells.death_reason(value, self.max_retries))
+        log.error("cell %s: %s", name, reason)
+        return job_return(cfg, overrides, record_failure(result_file, name, log_file, reason))

@@ -129,8 +129,9 @@ def remote_options(need: CellResources, max_retries: int) -> dict:
             "max_retries": max_retries, "retry_exceptions": False}
 
 
-def wait_all(refs: list, watch, poll_s: float) -> dict:
-    """{ref: value or the RayError that ended it}, polling the cells' state files between completions."""
+def wait_all(refs: list, watch, poll_s: float, on_done) -> dict:
+    """{ref: on_done(ref, value or the RayError that ended it)}, called as each task ends (so a dead
+    worker's cell shows failed at once), polling the cells' state files between completions."""
     import ray
     from ray.exceptions import RayError
 
@@ -139,9 +140,10 @@ def wait_all(refs: list, watch, poll_s: float) -> dict:
         ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
         for ref in ready:
             try:
-                out[ref] = ray.get(ref)
+                value = ray.get(ref)
             except RayError as exc:
-                out[ref] = exc
+                value = exc
+            out[ref] = on_done(ref, value)
         watch.poll()
     return out
 

@@ -36,8 +36,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 def mark_started(result_file: str | Path, cell: str) -> None:
     """Called by the cell itself, first thing in its worker: the submitter then shows it running."""
-    _write_json(started_file(result_file), {"cell": cell, "pid": os.getpid(), "host": socket.gethostname(),
-                                            "started": time.time()})
+    info = {"cell": cell, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):  # what scancel takes: <array job>_<task>
+        info["slurm_job"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    elif os.environ.get("SLURM_JOB_ID"):
+        info["slurm_job"] = os.environ["SLURM_JOB_ID"]
+    _write_json(started_file(result_file), info)
 
 
 def mark_queued(result_file: str | Path) -> None:
