@@ -11,11 +11,13 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); address=auto, host:port or ray://host:1000
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 from vlmforge.errors import RecipeError
@@ -36,20 +38,33 @@ def init_kwargs(init: dict) -> dict:
     return out
 
 
-def probe_address(address: str, where: str) -> None:
-    """A bounded TCP connect to the head before ray.init, which would otherwise retry for a minute or more."""
-    target = address
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address
+def auto_address() -> str | None:
+    """What address=auto means, read without importing ray: RAY_ADDRESS, else the cluster `ray start` last
+    started on this machine (<tmp>/ray/ray_current_cluster)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        return current.read_text().strip() or None
+    except OSError:
+        return None
 
-        try:
-            target = canonicalize_bootstrap_address("auto")
-        except ConnectionError as exc:
-            raise RecipeError(f"no running Ray cluster found for address=auto ({exc})", where=where,
-                              fix="start one (ray start --head --node-ip-address 127.0.0.1), set RAY_ADDRESS, or "
-                                  "leave hydra.launcher.init.address=null to start a local Ray") from None
-    parsed = urlparse(target if "://" in target else f"ray://{target}")
-    host, port = parsed.hostname, parsed.port
+
+def host_port(address: str) -> tuple[str | None, int | None]:
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    return parsed.hostname, parsed.port
+
+
+def probe_address(address: str, where: str) -> str:
+    """A bounded TCP connect to the head before ray.init, which would otherwise retry for a minute or more.
+    Returns the address to give ray.init (auto resolved)."""
+    target = auto_address() if address == "auto" else address
+    if target is None:
+        raise RecipeError("no running Ray cluster found for address=auto (no RAY_ADDRESS, no cluster started on this "
+                          "machine by `ray start`)", where=where,
+                          fix="start one (ray start --head), set RAY_ADDRESS=<head>:6379, or leave "
+                              "hydra.launcher.init.address=null to start a local Ray")
+    host, port = host_port(target)
     if not host or not port:
         raise RecipeError(f"Ray address {address!r} is not host:port or ray://host:port", where=where,
                           fix="use auto, <head>:6379 or ray://<head>:10001")
@@ -57,10 +72,18 @@ def probe_address(address: str, where: str) -> None:
         with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as exc:
-        raise RecipeError(f"the Ray head at {host}:{port} does not answer ({exc.strerror or exc}; waited "
+        raise RecipeError(f"the Ray head at {host}:{port} does not answer ({exc.strerror or exc}; waited at most "
                           f"{PROBE_TIMEOUT_S:.0f} s)", where=where,
                           fix="check that the cluster is up (ray status on the head) and the address/port, or leave "
                               "hydra.launcher.init.address=null to start a local Ray") from None
+    return target
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return bool(host) and ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def connect(init: dict, where: str) -> None:
@@ -68,9 +91,11 @@ def connect(init: dict, where: str) -> None:
     global _started_here
     kwargs = init_kwargs(init)
     if kwargs.get("address"):
-        probe_address(str(kwargs["address"]), where)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
+        kwargs["address"] = probe_address(str(kwargs["address"]), where)
+    if not kwargs.get("address") or is_loopback(host_port(kwargs["address"])[0]):
+        # A local Ray, or a cluster on this machine's loopback: Ray's single-node mode, set before ray is
+        # imported, keeps it from rewriting 127.0.0.1 into the routable address (and binding to it).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -78,9 +103,13 @@ def connect(init: dict, where: str) -> None:
     try:
         ray.init(**kwargs)
     except (ValueError, TypeError, ConnectionError, RuntimeError) as exc:
-        raise RecipeError(f"ray.init refused the launcher settings: {' '.join(str(exc).split())[:400]}", where=where,
-                          fix="check hydra.launcher.init (num_cpus and object_store_memory apply to a local Ray "
-                              "only)") from None
+        joining = bool(kwargs.get("address"))
+        raise RecipeError(
+            f"ray.init {'could not join the cluster' if joining else 'refused the launcher settings'}: "
+            f"{' '.join(str(exc).split())[:400]}", where=where,
+            fix="a cluster started by `ray start` uses token authentication: export RAY_AUTH_MODE=token with its "
+                "token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) on this host" if joining else
+                "check hydra.launcher.init (num_cpus and object_store_memory apply to a local Ray only)") from None
     _started_here = not kwargs.get("address")
 
 

@@ -76,6 +76,7 @@ class CellView:
     name: str
     result_file: str
     state: str = "queued"
+    worker: tuple | None = None  # (host, pid) of the last worker seen running it
 
 
 class Watch:
@@ -99,10 +100,12 @@ class Watch:
         changed = False
         for c in self.cells:
             state, info = self._state(c)
-            if state != c.state:
+            worker = (info.get("host"), info.get("pid")) if state == "running" else None
+            if state != c.state or (worker and c.worker and worker != c.worker):  # a new worker: the engine retried
                 changed = True
-                c.state = state
-                log.info("cell %s: %s", c.name, _describe(state, info))
+                again = " again, the previous worker died" if state == c.state else ""
+                c.state, c.worker = state, worker or c.worker
+                log.info("cell %s: %s%s", c.name, _describe(state, info), again)
         counts = self.counts()
         now = time.monotonic()
         if changed or now - self.last >= self.heartbeat_s:
