@@ -27,7 +27,8 @@ WORK=$(pwd)/.work/cluster-check/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$WORK"
 OUT=$WORK/out
 ARGS=(--matrix smoke "out_dir=$OUT" "cache_dir=$WORK/cache" validate.chain_tokens=4 hydra/launcher=slurm
-      hydra.launcher.cpus_per_task=1 hydra.launcher.mem_gb=4 hydra.launcher.timeout_min=20)
+      hydra.launcher.cpus_per_task=1  # mem_gb stays null: estimated from the checkpoint (2 GB here)
+      hydra.launcher.timeout_min=20)
 LOGS=$OUT/logs
 VICTIM=qwen2_5_vl_small
 

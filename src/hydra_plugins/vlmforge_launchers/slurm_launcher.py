@@ -61,6 +61,7 @@ if SlurmLauncher is not None:
                 params.append((list(overrides), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{i}",
                                Singleton.get_state()))
                 cells.append((name, log_file, result_file))
+            self.params["mem_gb"] = self._mem_gb(job_overrides, initial_job_idx)
             jobs = self._executor().map_array(self, *zip(*params))
             log.info("submitted Slurm job array %s (%d tasks); submitit files in %s", jobs[0].job_id.split("_")[0],
                      len(jobs), self.params["submitit_folder"])
@@ -68,6 +69,22 @@ if SlurmLauncher is not None:
             by_id = {job.job_id: (job, overrides, cell) for job, overrides, cell in zip(jobs, job_overrides, cells)}
             returns = self._wait(by_id, watch)
             return [returns[job.job_id] for job in jobs]
+
+        def _mem_gb(self, job_overrides, initial_job_idx: int) -> int:
+            """One array, one --mem: the recipe's mem_gb, or (null) the largest cell's estimate."""
+            from hydra_plugins.vlmforge_launchers.common import sweep_config
+            from vlmforge.launch.preflight import slurm_mem_gb
+            from vlmforge.launch.resources import cell_resources
+
+            if self.params.get("mem_gb"):
+                return int(self.params["mem_gb"])
+            cfgs = [sweep_config(self, o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
+            needs = [cell_resources(str(c.model.checkpoint), str(c.cache_dir), bool(c.validate.enabled),
+                                    str(c.target.name), {}) for c in cfgs]
+            mem_gb = slurm_mem_gb({}, needs)
+            log.info("Slurm jobs ask for --mem=%dG (the largest cell's estimate; set hydra.launcher.mem_gb to choose)",
+                     mem_gb)
+            return mem_gb
 
         def _wait(self, by_id: dict, watch) -> dict:
             """{job id: JobReturn} for every job; a job that ended without a good result is recorded as the

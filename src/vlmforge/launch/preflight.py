@@ -14,6 +14,7 @@ import fcntl
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -114,23 +115,31 @@ def check_ray(launcher: dict, cells, where: str) -> None:
     ray_cells.check_fits(needs, where=f"hydra.launcher.cell of {where}")
 
 
+def slurm_mem_gb(launcher: dict, needs) -> int:
+    """The array's --mem: the recipe's mem_gb, or (null) the largest cell's estimate, rounded up."""
+    if launcher.get("mem_gb"):
+        return int(launcher["mem_gb"])
+    return max(1, math.ceil(max((n.memory_bytes for n in needs), default=GB) / GB))
+
+
 def check_slurm(launcher: dict, cells, where: str) -> None:
     from vlmforge.launch import slurm_cells
 
     part = slurm_cells.partition(launcher.get("partition"), where=f"hydra.launcher.partition of {where}")
-    mem_gb, cpus = launcher.get("mem_gb"), launcher.get("cpus_per_task") or 1
-    if cpus > part.cpus or (mem_gb and mem_gb * 1024 > part.memory_mb):
+    cpus = launcher.get("cpus_per_task") or 1
+    needs = {c.name: cell_resources(c.checkpoint, c.cache_dir, c.validate, c.target, {"num_cpus": cpus}) for c in cells}
+    mem_gb = slurm_mem_gb(launcher, needs.values())
+    if cpus > part.cpus or mem_gb * 1024 > part.memory_mb:
         raise RecipeError(
             f"a cell asks Slurm for {cpus} CPUs and {mem_gb} GB; the largest node of partition {part.name!r} has "
             f"{part.cpus} CPUs and {part.memory_mb / 1024:.1f} GB, so the jobs would pend forever",
             where=f"hydra.launcher.cpus_per_task / mem_gb of {where}",
             fix=f"set hydra.launcher.cpus_per_task<={part.cpus} hydra.launcher.mem_gb<={int(part.memory_mb // 1024)}, "
                 "or pick a larger partition")
-    for c in cells:
-        need = cell_resources(c.checkpoint, c.cache_dir, c.validate, c.target, {"num_cpus": cpus})
-        if mem_gb and need.memory_bytes > mem_gb * GB:
+    for name, need in needs.items():
+        if need.memory_bytes > mem_gb * GB:
             log.warning("cell %s may need %.1f GB (estimated from its checkpoint); the jobs ask for %s GB "
-                        "(hydra.launcher.mem_gb)", c.name, need.memory_bytes / GB, mem_gb)
+                        "(hydra.launcher.mem_gb)", name, need.memory_bytes / GB, mem_gb)
 
 
 def check_plan_launch(plan) -> None:
