@@ -73,7 +73,7 @@ def cmd_export_all(args) -> int:
     plan = plan_matrix(recipes, args.matrix, list(args.overrides))
     from vlmforge.launch.preflight import check_plan_cache, check_plan_launch
 
-    check_plan_cache(plan)  # before any cell starts: locks work where the cells share the stage cache,
+    check_plan_cache(plan)  # before any cell starts: locks work where the cells share the stage cache
     _prepare_checkpoints(plan)
     check_plan_launch(plan)  # the engine answers and every cell fits one of its nodes
     _launch(plan, recipes, force=args.force)

@@ -27,13 +27,16 @@ log = logging.getLogger("vlmforge.launch")
 
 LOCAL_ONLY_KEYS = ("num_cpus", "num_gpus", "object_store_memory", "include_dashboard", "_memory")
 PROBE_TIMEOUT_S = 5.0
-_started_here = False
 
 
 def init_kwargs(init: dict) -> dict:
-    """ray.init() arguments: None values dropped; for an existing cluster the local-only ones too."""
+    """ray.init() arguments: None values dropped; for an existing cluster the local-only ones too.
+    address null becomes "local": ray.init() without an address would join whatever cluster `ray start`
+    last ran on this machine (even a dead one), not start the local Ray the recipe asks for."""
     out = {k: v for k, v in (init or {}).items() if v is not None}
-    if out.get("address"):
+    if out.get("address") in (None, "local"):
+        out["address"] = "local"
+    else:
         out = {k: v for k, v in out.items() if k not in LOCAL_ONLY_KEYS}
     return out
 
@@ -88,11 +91,11 @@ def is_loopback(host: str | None) -> bool:
 
 def connect(init: dict, where: str) -> None:
     """ray.init once per process: the preflight connects, the launcher then reuses the connection."""
-    global _started_here
     kwargs = init_kwargs(init)
-    if kwargs.get("address"):
+    local = kwargs["address"] == "local"
+    if not local:
         kwargs["address"] = probe_address(str(kwargs["address"]), where)
-    if not kwargs.get("address") or is_loopback(host_port(kwargs["address"])[0]):
+    if local or is_loopback(host_port(kwargs["address"])[0]):
         # A local Ray, or a cluster on this machine's loopback: Ray's single-node mode, set before ray is
         # imported, keeps it from rewriting 127.0.0.1 into the routable address (and binding to it).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -103,24 +106,13 @@ def connect(init: dict, where: str) -> None:
     try:
         ray.init(**kwargs)
     except (ValueError, TypeError, ConnectionError, RuntimeError) as exc:
-        joining = bool(kwargs.get("address"))
+        joining = not local
         raise RecipeError(
             f"ray.init {'could not join the cluster' if joining else 'refused the launcher settings'}: "
             f"{' '.join(str(exc).split())[:400]}", where=where,
-            fix="a cluster started by `ray start` uses token authentication: export RAY_AUTH_MODE=token with its "
-                "token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) on this host" if joining else
+            fix="check the cluster (ray status on the head); one started by `ray start` uses token authentication: "
+                "export RAY_AUTH_MODE=token with its token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) here" if joining else
                 "check hydra.launcher.init (num_cpus and object_store_memory apply to a local Ray only)") from None
-    _started_here = not kwargs.get("address")
-
-
-def disconnect() -> None:
-    """Stop the local Ray this process started (a cluster it joined keeps running)."""
-    global _started_here
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    _started_here = False
 
 
 @dataclass(frozen=True)

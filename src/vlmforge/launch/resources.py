@@ -73,5 +73,5 @@ def cell_resources(checkpoint: str, cache_dir: str, validate: bool, target: str,
     memory_gb = opts.get("memory_gb")
     memory = int(float(memory_gb) * GB) if memory_gb else estimate_memory(
         checkpoint_folder(checkpoint, cache_dir), validate, float(opts.get("fallback_memory_gb") or 16))
-    gpus = float(opts.get("num_gpus") or 1) if target == "cuda" else 0.0
+    gpus = (1.0 if opts.get("num_gpus") is None else float(opts["num_gpus"])) if target == "cuda" else 0.0
     return CellResources(float(opts.get("num_cpus") or 1), memory, gpus)
