@@ -219,3 +219,20 @@ def test_a_result_the_cell_wrote_wins_over_the_launcher_failure_record(tmp_path)
     assert record_failure(result, "c", "c.log", "again")["error"] == "the worker died"
     mark_queued(result)
     assert not result.exists() and not (tmp_path / "logs" / "c.started.json").exists()
+
+
+def test_ray_init_arguments_start_a_local_ray_or_join_without_local_only_keys():
+    from vlmforge.launch.ray_cells import init_kwargs
+
+    local = {"address": None, "num_cpus": 2, "object_store_memory": 209715200, "include_dashboard": False,
+             "log_to_driver": False}
+    assert init_kwargs(local) == {**local, "address": "local"}  # never the cluster `ray start` left behind
+    assert init_kwargs({**local, "address": "auto"}) == {"address": "auto", "log_to_driver": False}
+
+
+def test_slurm_memory_is_the_recipes_or_the_largest_cells_estimate():
+    from vlmforge.launch.preflight import slurm_mem_gb
+    from vlmforge.launch.resources import GB, CellResources
+
+    needs = [CellResources(1, int(1.5 * GB), 0), CellResources(1, int(20.2 * GB), 0)]
+    assert slurm_mem_gb({"mem_gb": 64}, needs) == 64 and slurm_mem_gb({"mem_gb": None}, needs) == 21
