@@ -53,3 +53,15 @@ def test_the_core_layer_imports_only_errors_and_itself():
     for module, imports in graph.all_imports.items():
         if module.startswith("vlmforge.core"):
             assert imports <= {"vlmforge.errors"} | {m for m in graph.files if m.startswith("vlmforge.core")}, module
+
+
+def test_the_runtime_and_the_registry_import_without_torch():
+    """Family stages import torch; the registry loads them only when asked for a family, so the runtime and
+    `vlmforge verify` (which import `vlmforge.source`, hence the registry) stay torch-free."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlmforge.registry, vlmforge.manifest, vlmforge.runtime.pipeline, vlmforge.source; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxscript') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,13 +1,17 @@
-"""The model families, loaded once from the table in `vlmforge.families` and checked at import.
+"""The model families, loaded from the table in `vlmforge.families` and checked, all at once.
 
 Explicit and loud: a family listed twice, a spec whose key differs from its row, an architecture claimed by
 two families, a stage missing or a hook that is not a function taking the arguments the build passes is an
-error when this module is imported, naming the family module and what to fix. An unknown key lists what
-exists. Families never import this module (they build a `families.spec.FamilySpec`); this module imports them.
+error naming the family module and what to fix. Every family is imported and checked together, the first
+time anything asks the registry for a family — so before any hook can be called, but not merely because a
+module imports this one: family stages import torch, and the runtime and `vlmforge verify` (which import
+`vlmforge.source`) must stay torch-free. An unknown key lists what exists. Families never import this module
+(they build a `families.spec.FamilySpec`); this module imports them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Iterable
@@ -93,21 +97,24 @@ def load_families(table: Iterable[tuple[str, str]]) -> dict[str, FamilySpec]:
     return out
 
 
-_FAMILIES = load_families(FAMILY_MODULES)
+@functools.lru_cache(maxsize=1)
+def _families() -> dict[str, FamilySpec]:
+    return load_families(FAMILY_MODULES)
 
 
 def families() -> dict[str, FamilySpec]:
-    return dict(_FAMILIES)
+    return dict(_families())
 
 
 def get_family(key: str, where: str = "") -> FamilySpec:
-    if key not in _FAMILIES:
+    known = _families()
+    if key not in known:
         raise RecipeError(
             f"unknown model family {key!r}",
             where=where or "recipe key model.family",
-            fix=f"use one of {sorted(_FAMILIES)}",
+            fix=f"use one of {sorted(known)}",
         )
-    return _FAMILIES[key]
+    return known[key]
 
 
 def family_module(key: str) -> str:
@@ -117,7 +124,7 @@ def family_module(key: str) -> str:
 
 
 def family_for_architecture(arch: str) -> FamilySpec | None:
-    for spec in _FAMILIES.values():
+    for spec in _families().values():
         if arch in spec.architectures:
             return spec
     return None
