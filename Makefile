@@ -4,6 +4,8 @@
 #   make export-all OVERRIDES="hydra/launcher=joblib hydra.launcher.n_jobs=2"   cells in parallel
 #   make export-all MATRIX=smoke OVERRIDES=validate.chain_tokens=4              the two-cell smoke matrix
 #   make export-all FORCE=1                              rebuild every stage (ignore <cache_dir>/stages)
+#   make export-all OVERRIDES="hydra/launcher=ray"        cells as Ray tasks (a local Ray, or init.address=auto)
+#   make cluster-check                                   (root) the smoke matrix on a one-node Slurm cluster here
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -18,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MATRIX  ?= default
 FORCE_FLAG := $(if $(FORCE),--force,)
 
-.PHONY: help venv test export-all export repro-check bench train-fixtures clean distclean
+.PHONY: help venv test export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,7 +28,7 @@ help:  ## list targets
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,genai,launchers]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,genai,launchers,ray,slurm]'
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv from constraints.txt
@@ -46,6 +48,9 @@ repro-check: $(STAMP)  ## build one recipe twice from scratch and compare byte f
 bench: $(STAMP)  ## runtime benchmark (BENCH_ARGS passes options)
 	$(PY) -m vlmforge.bench $(BENCH_ARGS)
 
+cluster-check: $(STAMP)  ## as root: one-node Slurm cluster here, smoke matrix on it, scancel one job, re-run (scripts/cluster_check.sh)
+	VENV=$(VENV) scripts/cluster_check.sh
+
 train-fixtures: $(STAMP)  ## retrain the trained tiny fixtures of every family
 	$(PY) -m vlmforge.fixtures.train --family all
 
@@ -54,3 +59,6 @@ clean:  ## remove artifacts and caches, the stage cache in .work/stages included
 
 distclean: clean  ## also remove the virtual environment
 	rm -rf $(VENV)
+
+compare-commits: $(STAMP)  ## build MATRIX (default smoke) at commits A and B, compare every file byte for byte: make compare-commits A=d7af6ec B=HEAD
+	$(PY) scripts/compare_commits.py $(A) $(B) --matrix $(if $(filter default,$(MATRIX)),smoke,$(MATRIX)) $(OVERRIDES)

@@ -6,6 +6,9 @@ come from HF's own image processor, 3-D positions from HF's own `get_rope_index`
 in onnxruntime by the I/O names the manifest declares. Greedy decoding through the graphs must reproduce
 HF `generate` token for token on an image and prompt of this script's own choosing.
 
+Being independent, it keeps its own facts and reads nothing of vlmforge's family table: the model class is
+the one the checkpoint's config.json names, the image processor is HF's Qwen2-VL processor (both families').
+
     python scripts/independent_check.py artifacts/tiny-qwen2_5_vl/fp32-392 --checkpoint .work/fixtures/tiny-qwen2_5_vl
 """
 
@@ -60,7 +63,8 @@ class Graphs:
         self.kv_heads, self.head_dim = dec_in["past_key_values.0.key"]["shape"][1], dec_in["past_key_values.0.key"]["shape"][3]
         self.deep = "deepstack_embeds" in dec_in
         self.size = comps["vision"]["image_size"]
-        cls = getattr(transformers, {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}[m["family"]])
+        # The HF class the checkpoint itself names (HF's mapping, not a vlmforge family table).
+        cls = getattr(transformers, json.loads((Path(checkpoint) / "config.json").read_text())["architectures"][0])
         self.model = cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True).eval()
         self.tok = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
         self.proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))

@@ -93,7 +93,7 @@ def test_training_labels_cover_only_the_answer_and_im_end():
 
 
 def test_training_conversation_is_what_the_chat_template_renders():
-    from vlmforge.runtime.prompt import expand_image_tokens
+    from vlmforge.host.prompt import expand_image_tokens
 
     enc = PromptEncoder("qwen3_vl")
     seed = next(s for s in range(20) if len(task.make_conversation(s, 128, 4).turns) == 4)

@@ -41,11 +41,6 @@ log = logging.getLogger("vlmforge.bench")
 
 PROMPT = "Describe this image in detail."
 KV_MODES = ("numpy", "ortvalue", "preallocated")
-MID_TEXT = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
-            "num_key_value_heads": 2, "max_position_embeddings": 128000, "tie_word_embeddings": True,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}}
-MID_VISION = {"hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
-              "window_size": 112, "hidden_act": "silu"}
 
 
 # -- artifact sets ------------------------------------------------------------------------------------------
@@ -65,27 +60,42 @@ def ensure_build(overrides: list[str], recipes: Path) -> tuple[Path, Path]:
     return run_build(cfg).directory, source.path
 
 
-def mid_checkpoint(cache_dir: Path, layers: int, vision_depth: int) -> Path:
-    """A random-weight HF folder with Qwen2.5-VL-3B layer shapes (written once; the fixture tokenizer)."""
-    out = Path(cache_dir) / "bench" / f"qwen2_5_vl-3b-shapes-{layers}l-{vision_depth}v"
+def mid_checkpoint(cache_dir: Path, family, layers: int, vision_depth: int) -> Path | None:
+    """A random-weight HF folder at the family's public small-model layer widths (written once by the
+    family's `write_bench_checkpoint`); None when the family has none."""
+    if family.write_bench_checkpoint is None:
+        return None
+    out = Path(cache_dir) / "bench" / f"{family.key}-3b-shapes-{layers}l-{vision_depth}v"
     if (out / "config.json").is_file():
         return out
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from vlmforge.families.qwen2_5_vl.fixture import image_processor_config, tiny_config_dict
-    from vlmforge.fixtures.checkpoint import perturb_, write_hf_folder
-    from vlmforge.fixtures.tokenizer import build_tokenizer
-
-    d = tiny_config_dict()
-    d["tie_word_embeddings"] = True
-    d["text_config"].update(MID_TEXT, num_hidden_layers=layers)
-    d["vision_config"].update(MID_VISION, depth=vision_depth, fullatt_block_indexes=[vision_depth - 1])
-    config = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")})
-    torch.manual_seed(0)
-    model = perturb_(Qwen2_5_VLForConditionalGeneration(config), seed=0).eval()
     log.info("writing the mid-size checkpoint %s", out)
-    return write_hf_folder(model, build_tokenizer(), image_processor_config(), out)
+    return family.write_bench_checkpoint(out, layers, vision_depth)
+
+
+def source_family(source: Path):
+    """The family of a checkpoint folder, from its config.json architectures (the registry decides)."""
+    from vlmforge.registry import family_for_architecture
+
+    archs = json.loads((Path(source) / "config.json").read_text()).get("architectures") or []
+    family = next((f for a in archs if (f := family_for_architecture(a))), None)
+    if family is None:
+        from vlmforge.errors import CheckpointError
+
+        raise CheckpointError(f"no registered family has architecture {archs}", where=f"{source}/config.json",
+                              fix="bench a checkpoint of a family listed in vlmforge/families/__init__.py")
+    return family
+
+
+def _hf_class(source: Path):
+    import transformers
+
+    return getattr(transformers, source_family(source).hf_class)
+
+
+def _image_processor(source: Path):
+    import transformers
+
+    return getattr(transformers, source_family(source).image.processor_class).from_pretrained(str(source))
 
 
 # -- machine facts --------------------------------------------------------------------------------------------
@@ -178,22 +188,21 @@ class _Stamps:
 
 def load_eager(source: Path):
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(os.cpu_count() or 1)
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(source), dtype=torch.float32).eval()
+    return _hf_class(source).from_pretrained(str(source), dtype=torch.float32).eval()
 
 
 def bench_eager(source: Path, image_size: int, image: str, tokens: int, repeats: int) -> dict:
     import torch
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer
 
-    from vlmforge.runtime import prompt as P
-    from vlmforge.runtime.preprocess import load_image
+    from vlmforge.host import prompt as P
+    from vlmforge.host.preprocess import load_image
 
     model = load_eager(source)
     tok = AutoTokenizer.from_pretrained(str(source))
-    proc = Qwen2VLImageProcessorPil.from_pretrained(str(source))
+    proc = _image_processor(source)
     cfg = model.config
     merge = cfg.vision_config.spatial_merge_size
     vision, ttft, decode = [], [], []
@@ -226,14 +235,13 @@ def bench_vision(directory: Path, source: Path, image: str, repeats: int) -> dic
     (`get_image_features`), on the same pixel values from HF's image processor, alternating run by run;
     best of `repeats` each, and the largest difference between their features."""
     import torch
-    from transformers import Qwen2VLImageProcessorPil
 
     from vlmforge.manifest import read_manifest
     from vlmforge.runtime.engine import Graph
-    from vlmforge.runtime.preprocess import load_image
+    from vlmforge.host.preprocess import load_image
 
     size = read_manifest(directory)["components"]["vision"]["image_size"]
-    proc = Qwen2VLImageProcessorPil.from_pretrained(str(source))
+    proc = _image_processor(source)
     px = proc(images=[load_image(image).resize((size, size))], return_tensors="pt",
               size={"shortest_edge": size**2, "longest_edge": size**2})
     model = load_eager(source)
@@ -648,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny-tokens", type=int, default=256,
                     help="decode steps timed per run on the tiny fixture (a step is ~0.15 ms: 31 steps are noise)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default=None,
+                    help="recipes/model/<name>.yaml to bench (default: the model recipes/build.yaml names); its family "
+                         "writes the mid-size checkpoint")
     ap.add_argument("--skip-mid", action="store_true", help="tiny fixture only")
     ap.add_argument("--mid-layers", type=int, default=2, help="decoder layers of the mid model")
     ap.add_argument("--mid-vision-depth", type=int, default=4)
@@ -678,19 +689,24 @@ def main(argv: list[str] | None = None) -> int:
               "tokens": {"tiny": args.tiny_tokens, "mid": args.tokens}, "repeats": args.repeats, "models": {}}
     print(f"read bandwidth: {bandwidth:.1f} GB/s ({os.cpu_count()} threads, 1 GiB); load average {os.getloadavg()[0]:.2f}")
     precisions = [p for p in args.precisions.split(",") if p]
-    for model_name in ("tiny",) + (() if args.skip_mid else ("mid",)):
+    from vlmforge.registry import get_family
+
+    model_override = [f"model={args.model}"] if args.model else []
+    family = get_family(compose(args.set + model_override, recipes).model.family)
+    mid = None if args.skip_mid else mid_checkpoint(Path(compose(args.set, recipes).cache_dir), family,
+                                                    args.mid_layers, args.mid_vision_depth)
+    for model_name in ("tiny",) + (("mid",) if mid else ()):
         rows: list[dict] = []
         for precision in precisions:
             if not (recipes / "precision" / f"{precision}.yaml").is_file():
                 rows.append({"variant": "all", "precision": precision, "skipped": f"no recipes/precision/{precision}.yaml"})
                 continue
-            overrides = ["model=tiny_qwen2_5_vl", f"precision={precision}"]
+            overrides = model_override + [f"precision={precision}"]
             if model_name == "mid":
-                ckpt = mid_checkpoint(Path(compose(args.set, recipes).cache_dir), args.mid_layers, args.mid_vision_depth)
                 # validate=off: speed, not parity, is measured here (validating at these shapes runs HF
                 # eager for minutes; it passes: FP32 max_rel 2e-6 - 3.2e-6, see recipes/validate/standard.yaml).
-                mid_overrides = ["model=tiny_qwen2_5_vl", f"model.checkpoint={ckpt}",
-                                 f"model.name=bench-qwen2_5_vl-3b-shapes-{args.mid_layers}l", "validate=off"]
+                mid_overrides = model_override + [f"model.checkpoint={mid}",
+                                                  f"model.name=bench-{family.key}-3b-shapes-{args.mid_layers}l", "validate=off"]
                 overrides = mid_overrides + [f"precision={precision}"]
             directory, source = ensure_build(args.set + overrides, recipes)
             builder, why = None, ""
@@ -707,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             # the vision target is stated at 672 px: the same weights built at vision=large, vision only
             large, src = ensure_build(args.set + mid_overrides + ["precision=fp32", "vision=large"], recipes)
             result["models"][model_name]["vision_672"] = vision = bench_vision(large, src, image, args.repeats)
-        print_table(f"{model_name} ({'tiny fixture' if model_name == 'tiny' else 'Qwen2.5-VL-3B shapes, random weights'})",
+        print_table(f"{model_name} ({'tiny fixture' if model_name == 'tiny' else f'{family.display_name}-3B shapes, random weights'})",
                     rows, pasts if model_name == "mid" else ())
         print_ratios(r)
         if "vision_672" in result["models"][model_name]:

@@ -32,9 +32,9 @@ from vlmforge.manifest import MANIFEST, hash_files, toolchain, validate_manifest
 from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
 from vlmforge.runtime.genai_config import write_runtime_configs
+from vlmforge.host.image import image_params
 from vlmforge.paths import check_name, make_dir
 from vlmforge.source import TOKENIZER_FILES, check_model_size, checkpoint_file, load_model, open_source
-from vlmforge.validators.reference import image_params
 from vlmforge.validators.results import CheckResult
 
 log = logging.getLogger(__name__)
@@ -155,12 +155,12 @@ class _Run:
         self.precision = {s: getattr(cfg.precision, s) for s in STAGES}
         # The plan: one cache key per FP32 export, per transform, and for the validation of the whole set.
         tools, src = toolchain(), source_inputs(source)
-        self.export_in = {s: export_inputs(family.key, s, self.options, cfg, src, tools) for s in STAGES}
+        self.export_in = {s: export_inputs(family, s, self.options, cfg, src, tools) for s in STAGES}
         self.export_key = {s: digest(i) for s, i in self.export_in.items()}
         self.final_in = {s: (self.export_in[s] if p == "fp32" else transform_inputs(s, p, cfg.precision, self.export_key[s]))
                          for s, p in self.precision.items()}
         self.final_key = {s: digest(i) for s, i in self.final_in.items()}
-        self.validation_in = validation_inputs(self.final_key, self.export_key, cfg, source.path, RUNTIME_FILES)
+        self.validation_in = validation_inputs(family, self.final_key, self.export_key, cfg, source.path, RUNTIME_FILES)
         self.validation_key = digest(self.validation_in)
         tag = owner_tag()
         self.staging = final.parent / f".{final.name}.staging-{tag}"
@@ -203,8 +203,10 @@ class _Run:
             transforms = {s: r for s in STAGES if (r := self._stage(s)) is not None}
             contracts = {s: precision_contract(c, self.precision[s], self.cfg.precision) for s, c in self.contracts.items()}
             _copy_runtime_files(self.source.path, self.staging)
-            params = image_params(self.source.path, self.hf_config, self.options.image_size)
-            write_runtime_configs(self.staging, self.family.key, self.hf_config, contracts, params, self.deepstack)
+            params = image_params(self.source.path, self.hf_config, self.options.image_size,
+                                  self.family.image.mean, self.family.image.std)
+            write_runtime_configs(self.staging, self.family.key, self.family.genai_type, self.hf_config, contracts, params,
+                                  self.deepstack)
             checks, variant = self._validation(contracts, params)
             if not all(c.passed for c in checks):
                 failed_dir = _park_failed(self.staging, final, checks)
@@ -411,7 +413,7 @@ def precision_contract(contract, precision: str, pcfg):
 
 
 def validation_images(vcfg) -> list:
-    from vlmforge.runtime.preprocess import load_image
+    from vlmforge.host.preprocess import load_image
 
     if vcfg.images:
         return [load_image(p) for p in vcfg.images]

@@ -18,7 +18,7 @@ The key is a sha256 over everything that determines the output and nothing else:
 * the stage's slice of the recipe: family, stage, the options the stage reads (image size for vision only;
   the DeepStack choice), model.load_dtype / trust_remote_code, target.export_device; for a transform,
   its precision and parameters (fp16_io; the int4 subtree) plus the key of the FP32 export it starts from;
-* the code that runs it: the files of STAGE_CODE (validation adds VALIDATION_CODE);
+* the code that runs it: the source of the modules the node runs, from the import graph (vlmforge.codekey);
 * the toolchain: python and every package version `manifest.toolchain()` records.
 
 Not in a stage key: validate.*, out_dir, name, target.providers (they cannot change a graph).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -41,52 +40,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vlmforge.paths import sha256_file
+from vlmforge.codekey import export_code, transform_code, validation_code
+from vlmforge.core.hashing import sha256_file
+from vlmforge.registry import family_module
 
 log = logging.getLogger(__name__)
 
 ENTRY = "entry.json"
 FORMAT = 1
-PACKAGE = Path(__file__).resolve().parent
-
-# What can run while a stage is exported or transformed. Paths relative to the vlmforge package; a folder
-# means every .py under it. tests/test_cache.py checks statically that these files import nothing from
-# outside this list (but the fixture writers, whose output reaches a stage only through the checkpoint
-# files, which the key hashes by content).
-STAGE_CODE = (
-    "__init__.py", "build.py", "cache.py", "config.py", "contracts.py", "errors.py", "paths.py", "registry.py", "source.py",
-    "exporters", "families", "transforms",
-)
-# What validation runs on top of that: the validators, the runtime they drive the graphs with, the
-# images/questions they feed. Editing a validator re-runs validation, never an export.
-VALIDATION_CODE = ("validators", "runtime", "fixtures")
-# Deliberately in neither: cli.py (composes the recipe; the resolved recipe itself is hashed), manifest.py
-# (the manifest is rewritten by every build, never cached), progress.py (display), runtime/commands.py
-# (the `vlmforge run` CLI), bench.py, publish.py, repro.py, revalidate.py (they call the build, not the
-# reverse).
-NOT_CODE = ("runtime/commands.py",)
-
-
 def digest(data) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace)."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def code_files(parts: tuple[str, ...]) -> list[Path]:
-    out: list[Path] = []
-    for part in parts:
-        p = PACKAGE / part
-        out += sorted(p.rglob("*.py")) if p.is_dir() else [p]
-    return [f for f in out if f.relative_to(PACKAGE).as_posix() not in NOT_CODE]
-
-
-@functools.lru_cache(maxsize=None)
-def code_digest(parts: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for f in code_files(parts):
-        h.update(f.relative_to(PACKAGE).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 # -- entries ---------------------------------------------------------------------------------------------------------
@@ -289,16 +254,17 @@ def source_inputs(source) -> dict:
     return {"weights": dict(sorted(source.weight_files.items())), "config.json": sha256_file(config)}
 
 
-def export_inputs(family: str, stage: str, options, cfg, source: dict, tools: dict) -> dict:
+def export_inputs(family, stage: str, options, cfg, source: dict, tools: dict) -> dict:
+    """The key inputs of the FP32 export of `stage` of `family` (a FamilySpec)."""
     return {
         "kind": "export",
-        "family": family,
+        "family": family.key,
         "stage": stage,
         "options": {k: getattr(options, k) for k in STAGE_READS[stage]},
         "model": {"load_dtype": cfg.model.load_dtype, "trust_remote_code": cfg.model.trust_remote_code},
         "export_device": cfg.target.export_device,
         "source": source,
-        "code": code_digest(STAGE_CODE),
+        "code": export_code(family, family_module(family.key), stage),
         "toolchain": tools,
     }
 
@@ -310,12 +276,13 @@ def transform_params(precision: str, pcfg) -> dict:
 
 
 def transform_inputs(stage: str, precision: str, pcfg, export_key: str) -> dict:
-    # The transform code is part of STAGE_CODE, already in export_key.
+    # The export's code is in export_key; this adds the transform's own.
     return {"kind": "transform", "stage": stage, "precision": precision, "params": transform_params(precision, pcfg),
-            "from": export_key}
+            "code": transform_code(precision), "from": export_key}
 
 
-def validation_inputs(final_keys: dict, export_keys: dict, cfg, source_path: Path, runtime_files: tuple[str, ...]) -> dict:
+def validation_inputs(family, final_keys: dict, export_keys: dict, cfg, source_path: Path,
+                      runtime_files: tuple[str, ...]) -> dict:
     from vlmforge.source import checkpoint_file
 
     runtime = {n: sha256_file(checkpoint_file(Path(source_path), n, f"checkpoint file {n}"))
@@ -331,5 +298,5 @@ def validation_inputs(final_keys: dict, export_keys: dict, cfg, source_path: Pat
         "images": images,
         "providers": list(cfg.target.providers),
         "source_files": runtime,  # tokenizer, chat template, preprocessor: what the references are built from
-        "code": code_digest(STAGE_CODE + VALIDATION_CODE),
+        "code": validation_code(family, family_module(family.key)),
     }

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge.errors import RecipeError, VlmforgeError, from_os_error
@@ -78,7 +78,11 @@ def cmd_export(args) -> int:
 def cmd_export_all(args) -> int:
     recipes = recipes_dir(args.recipes)
     plan = plan_matrix(recipes, args.matrix, list(args.overrides))
+    from vlmforge.launch.preflight import check_plan_cache, check_plan_launch
+
+    check_plan_cache(plan)  # before any cell starts: locks work where the cells share the stage cache
     _prepare_checkpoints(plan)
+    check_plan_launch(plan)  # the engine answers and every cell fits one of its nodes
     _launch(plan, recipes, force=args.force)
     rows = [_result(c) for c in plan.cells]
     print(matrix_table(rows))
@@ -109,6 +113,8 @@ class Cell:
     result: str
     checkpoint: str
     cache_dir: str
+    validate: bool = True  # what the cell's memory estimate depends on (vlmforge.launch.resources)
+    target: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,9 @@ class MatrixPlan:
     sweep_keys: tuple[str, ...]
     cells: tuple[Cell, ...]
     in_process: bool  # the basic launcher: jobs run in this process, one after the other
+    launcher_target: str = ""
+    launcher: dict = field(default_factory=dict)  # the resolved hydra.launcher node (engine preflight checks)
+    launcher_where: str = ""
 
 
 def plan_matrix(recipes: Path, matrix: str, overrides: list[str]) -> MatrixPlan:
@@ -154,7 +163,9 @@ def plan_matrix(recipes: Path, matrix: str, overrides: list[str]) -> MatrixPlan:
     swept = set(params) | {o.get_key_element() for o in parsed if o.is_sweep_override()}
     sweep_keys = tuple(sorted({k.lstrip("+~") for k in swept}))
     launcher = str(hcfg.hydra.launcher.get("_target_", ""))
-    _check_launcher(launcher, matrix_file)
+    from vlmforge.launch.preflight import check_installed
+
+    check_installed(launcher, matrix_file)
     cells, seen = [], {}
     for job in itertools.product(*choices.values()):
         name = cell_name(job, sweep_keys)
@@ -168,11 +179,23 @@ def plan_matrix(recipes: Path, matrix: str, overrides: list[str]) -> MatrixPlan:
         seen[str(final)] = name
         logs = Path(cfg.out_dir) / "logs"
         cells.append(Cell(name, tuple(job), str(final), str(logs / f"{_file_name(name)}.log"),
-                          str(logs / f"{_file_name(name)}.result.json"), cfg.model.checkpoint, cfg.cache_dir))
+                          str(logs / f"{_file_name(name)}.result.json"), cfg.model.checkpoint, cfg.cache_dir,
+                          cfg.validate.enabled, cfg.target.name))
     if not cells:
         raise RecipeError(f"matrix {matrix!r} has no cells", where=str(matrix_file),
                           fix=f"list cells under hydra.sweeper.params: +{CELL_GROUP}: a,b,c")
-    return MatrixPlan(matrix, hydra_args, sweep_keys, tuple(cells), launcher.endswith(".BasicLauncher"))
+    return MatrixPlan(matrix, hydra_args, sweep_keys, tuple(cells), launcher.endswith(".BasicLauncher"), launcher,
+                      _launcher_node(hcfg), f"hydra/launcher of {matrix_file} with overrides {overrides}")
+
+
+def _launcher_node(hcfg) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
+    except OmegaConfBaseException:  # an interpolation only a job can resolve: the engine checks read plain keys
+        return OmegaConf.to_container(hcfg.hydra.launcher, resolve=False)
 
 
 def _compose_hydra(recipes: Path, overrides: list[str]):
@@ -193,21 +216,6 @@ def _compose_hydra(recipes: Path, overrides: list[str]):
                           where=f"{recipes}/build.yaml with overrides {overrides}",
                           fix=f"check the overrides; cells live in {recipes}/matrix/cell/, launchers in "
                               f"{recipes}/hydra/launcher/ (or come from an installed Hydra launcher plugin)") from exc
-
-
-def _check_launcher(target: str, where: Path) -> None:
-    import importlib
-
-    module = target.rpartition(".")[0]
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        pkg = {"hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher==1.2.0",
-               "hydra_plugins.hydra_ray_launcher": "hydra-ray-launcher ray",
-               "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher"}
-        need = next((v for k, v in pkg.items() if module.startswith(k)), module.split(".")[1] if "." in module else module)
-        raise RecipeError(f"the launcher {target} is not installed", where=f"hydra/launcher of {where}",
-                          fix=f".venv/bin/pip install {need} (or use hydra/launcher=basic or joblib)") from None
 
 
 def cell_name(job_overrides, sweep_keys: tuple[str, ...]) -> str:
@@ -239,8 +247,10 @@ def _prepare_checkpoints(plan: MatrixPlan) -> None:
 def _launch(plan: MatrixPlan, recipes: Path, force: bool) -> None:
     import hydra
 
+    from vlmforge.launch.watch import mark_queued
+
     for c in plan.cells:
-        Path(c.result).unlink(missing_ok=True)  # a result left by an earlier run never counts for this one
+        mark_queued(c.result)  # a result (or start) left by an earlier run never counts for this one
     job = MatrixJob(plan.sweep_keys, {c.name: (c.log, c.result) for c in plan.cells}, force, plan.in_process)
     main = hydra.main(config_path=str(recipes), config_name="build", version_base=None)(job)
     argv = sys.argv
@@ -264,6 +274,11 @@ class MatrixJob:
     force: bool = False
     in_process: bool = True
 
+    def cell(self, job_overrides) -> tuple[str, str, str]:
+        """(cell name, log file, result file) of the job with these overrides: launchers report through them."""
+        name = cell_name(job_overrides, self.sweep_keys)
+        return (name, *self.files[name])
+
     def __call__(self, cfg) -> dict:
         from hydra.core.hydra_config import HydraConfig
 
@@ -271,8 +286,10 @@ class MatrixJob:
         from vlmforge.config import from_omegaconf
         from vlmforge.progress import Progress
 
-        name = cell_name(HydraConfig.get().overrides.task, self.sweep_keys)
-        log_file, result_file = self.files[name]
+        from vlmforge.launch.watch import mark_started
+
+        name, log_file, result_file = self.cell(HydraConfig.get().overrides.task)
+        mark_started(result_file, name)
         handlers = _cell_logging(name, Path(log_file), self.in_process)
         _reset_peak_rss()
         t0 = time.perf_counter()
@@ -414,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", help="recipes folder (default: ./recipes)")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="build one artifact set from a recipe (Hydra overrides)")
-    e.add_argument("overrides", nargs="*", help="e.g. model=qwen2_5_vl_3b model.checkpoint=/models/x vision=large")
+    e.add_argument("overrides", nargs="*", help="e.g. model=<recipe> model.checkpoint=/models/x vision=large")
     e.add_argument("--force", action="store_true", help="rebuild every stage and re-run validation (ignore the cache)")
     e.set_defaults(func=cmd_export)
     a = sub.add_parser("export-all", help="build every cell of a matrix recipe (one Hydra multirun)")

@@ -98,6 +98,9 @@ def read_manifest(directory: Path) -> dict:
     gigabytes, JSON nested a million deep), the answer is the manifest or an ArtifactError."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not os.path.lexists(directory):
+        raise ArtifactError(f"{directory} does not exist", where=str(directory),
+                            fix="pass the path of an artifact set (a folder with manifest.json) or a release tarball")
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is not a folder", where=str(directory),
                             fix="pass the artifact set's folder (the one holding manifest.json)")

@@ -1,107 +1,123 @@
-"""Explicit, loud registries of model families and their stages.
+"""The model families, loaded once from the table in `vlmforge.families` and checked at import.
 
-A duplicate registration is an error; an unknown key lists what exists. Families register themselves in
-`vlmforge/families/<key>/__init__.py`; `vlmforge.families` imports them and holds the
-architecture -> family map.
+Explicit and loud: a family listed twice, a spec whose key differs from its row, an architecture claimed by
+two families, a stage missing or a hook that is not a function taking the arguments the build passes is an
+error when this module is imported, naming the family module and what to fix. An unknown key lists what
+exists. Families never import this module (they build a `families.spec.FamilySpec`); this module imports them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import importlib
+import inspect
+from typing import Iterable
 
 from vlmforge.errors import RecipeError
+from vlmforge.families import FAMILY_MODULES
+from vlmforge.families.spec import STAGES, FamilySpec, StageSpec
 
-STAGES = ("vision", "embedding", "decoder")
+__all__ = ["STAGES", "FamilySpec", "RegistryError", "StageSpec", "families", "family_for_architecture",
+           "family_module", "get_family", "load_families"]
 
-
-@dataclass(frozen=True)
-class StageSpec:
-    """How one stage of one family is described and exported.
-
-    contract(hf_config, options) -> StageContract
-    export(hf_model, options, out_path) -> StageContract
-    """
-
-    name: str
-    contract: Callable[..., Any]
-    export: Callable[..., Any]
+# Hook name -> how many positional arguments the build passes it.
+HOOK_ARITY = {"check_image_size": 2, "check_checkpoint_config": 2, "deepstack_layers": 1, "write_fixture": 1,
+              "reference_vision": 3, "deepstack_off": 1,
+              "write_bench_checkpoint": 3}
+STAGE_ARITY = {"contract": 2, "export": 3}
+OPTIONAL_HOOKS = ("deepstack_off", "write_bench_checkpoint")
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    key: str  # HF config.model_type
-    display_name: str
-    hf_class: str  # transformers class name of the full model
-    architectures: tuple[str, ...]
-    patch_multiple: int  # valid fixed image sides are multiples of this
-    default_sizes: tuple[int, ...]
-    check_image_size: Callable[[int, str], None]
-    check_checkpoint_config: Callable[[Any, str], None]
-    deepstack_layers: Callable[[Any], int]  # hf_config -> number of DeepStack layers (0 = none)
-    write_fixture: Callable[..., Any]
-    fixture_name: str
-    stages: dict[str, StageSpec] = field(default_factory=dict)
-    genai_type: str = ""
-    # hf_model -> context manager running the HF model without DeepStack (families that have it)
-    deepstack_off: Callable[[Any], Any] | None = None
+class RegistryError(RuntimeError):
+    """A family table or spec that cannot work: a programming error in vlmforge or a family folder."""
 
-    def stage(self, name: str) -> StageSpec:
-        if name not in self.stages:
-            raise RecipeError(
-                f"family {self.key} has no stage {name!r}",
-                where=f"registry of family {self.key}",
-                fix=f"use one of {sorted(self.stages)}",
-            )
-        return self.stages[name]
+    def __init__(self, what: str, where: str, fix: str) -> None:
+        super().__init__(f"{what}\n  where: {where}\n  fix:   {fix}")
 
 
-def lazy(target: str) -> Callable[..., Any]:
-    """`"pkg.module:function"` -> a callable importing it on first use (families stay cheap to register)."""
-    module_name, _, attr = target.partition(":")
-
-    def call(*args, **kwargs):
-        import importlib
-
-        return getattr(importlib.import_module(module_name), attr)(*args, **kwargs)
-
-    call.__name__ = attr
-    call.__qualname__ = target
-    return call
+def _check_callable(fn, arity: int, what: str, where: str) -> None:
+    if not callable(fn):
+        raise RegistryError(f"{what} is {fn!r}, not a function", where, "point it at a function of the family")
+    try:
+        inspect.signature(fn).bind(*range(arity))
+    except TypeError as exc:
+        raise RegistryError(f"{what} ({getattr(fn, '__qualname__', fn)}) cannot take {arity} arguments: {exc}",
+                            where, f"give it the signature the build calls it with ({arity} positional arguments)")
+    except ValueError:  # builtins without a signature: callable is all that can be checked
+        pass
 
 
-_FAMILIES: dict[str, FamilySpec] = {}
-
-
-def register_family(spec: FamilySpec) -> FamilySpec:
-    if spec.key in _FAMILIES:
-        raise RuntimeError(f"family {spec.key!r} registered twice")
+def check_spec(key: str, spec, where: str) -> FamilySpec:
+    """Raise RegistryError unless `spec` is a complete FamilySpec for family `key`."""
+    if not isinstance(spec, FamilySpec):
+        raise RegistryError(f"FAMILY is {type(spec).__name__}, not a FamilySpec", where,
+                            "define FAMILY = FamilySpec(...) in the family's __init__.py")
+    if spec.key != key:
+        raise RegistryError(f"the table row says {key!r} but FAMILY.key is {spec.key!r}", where,
+                            "make the row in vlmforge/families/__init__.py and FAMILY.key agree")
     missing = [s for s in STAGES if s not in spec.stages]
     if missing:
-        raise RuntimeError(f"family {spec.key!r} registers no stage(s) {missing}")
-    _FAMILIES[spec.key] = spec
+        raise RegistryError(f"family {key!r} has no stage(s) {missing}", where, f"add StageSpecs for {list(STAGES)}")
+    for name, arity in HOOK_ARITY.items():
+        fn = getattr(spec, name)
+        if fn is not None or name not in OPTIONAL_HOOKS:
+            _check_callable(fn, arity, f"FAMILY.{name}", where)
+    for stage in STAGES:
+        for name, arity in STAGE_ARITY.items():
+            _check_callable(getattr(spec.stages[stage], name), arity, f"FAMILY.stages[{stage!r}].{name}", where)
+    if spec.trained is not None:
+        _check_callable(spec.trained.config_dict, 0, "FAMILY.trained.config_dict", where)
+        _check_callable(spec.trained.image_processor_config, 0, "FAMILY.trained.image_processor_config", where)
     return spec
 
 
-def families() -> dict[str, FamilySpec]:
-    import vlmforge.families  # noqa: F401  (registers the built-in families)
+def load_families(table: Iterable[tuple[str, str]]) -> dict[str, FamilySpec]:
+    """Import every (key, module) row and check it; loud on duplicate keys and duplicate architectures."""
+    out: dict[str, FamilySpec] = {}
+    owner: dict[str, str] = {}
+    for key, module_name in table:
+        where = f"vlmforge/families/__init__.py row ({key!r}, {module_name!r})"
+        if key in out:
+            raise RegistryError(f"family {key!r} is listed twice", where, "keep one row per family")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise RegistryError(f"family module {module_name} does not import: {exc}", where,
+                                "fix the module path in the row or the import error in the family") from exc
+        spec = check_spec(key, getattr(module, "FAMILY", None), f"{module_name}.FAMILY ({where})")
+        for arch in spec.architectures:
+            if arch in owner:
+                raise RegistryError(f"architecture {arch!r} is claimed by {owner[arch]!r} and {key!r}", where,
+                                    "each config.json architecture must belong to one family")
+            owner[arch] = key
+        out[key] = spec
+    return out
 
+
+_FAMILIES = load_families(FAMILY_MODULES)
+
+
+def families() -> dict[str, FamilySpec]:
     return dict(_FAMILIES)
 
 
 def get_family(key: str, where: str = "") -> FamilySpec:
-    known = families()
-    if key not in known:
+    if key not in _FAMILIES:
         raise RecipeError(
             f"unknown model family {key!r}",
             where=where or "recipe key model.family",
-            fix=f"use one of {sorted(known)}",
+            fix=f"use one of {sorted(_FAMILIES)}",
         )
-    return known[key]
+    return _FAMILIES[key]
+
+
+def family_module(key: str) -> str:
+    """The module whose FAMILY is family `key` (its spec: hashed into the family's cache keys)."""
+    get_family(key)
+    return dict(FAMILY_MODULES)[key]
 
 
 def family_for_architecture(arch: str) -> FamilySpec | None:
-    for spec in families().values():
+    for spec in _FAMILIES.values():
         if arch in spec.architectures:
             return spec
     return None

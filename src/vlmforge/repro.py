@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmforge.core.hashing import sha256_file
 from vlmforge.errors import ArtifactError, ExportError, VlmforgeError
 from vlmforge.exporters.onnx_export import DEBUG_METADATA_PREFIXES, normalize_model  # noqa: F401  (re-exported)
 
@@ -72,13 +73,6 @@ class ReproReport:
         return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -94,11 +88,11 @@ def compare_dirs(a: Path, b: Path) -> ReproReport:
     report = ReproReport(a, b)
     for rel in sorted(set(fa) | set(fb)):
         if rel not in fb:
-            report.rows.append(FileRow(rel, "only in A", _sha256(fa[rel]), None))
+            report.rows.append(FileRow(rel, "only in A", sha256_file(fa[rel]), None))
         elif rel not in fa:
-            report.rows.append(FileRow(rel, "only in B", None, _sha256(fb[rel])))
+            report.rows.append(FileRow(rel, "only in B", None, sha256_file(fb[rel])))
         else:
-            sa, sb = _sha256(fa[rel]), _sha256(fb[rel])
+            sa, sb = sha256_file(fa[rel]), sha256_file(fb[rel])
             detail = "" if sa == sb else explain(fa[rel], fb[rel])
             report.rows.append(FileRow(rel, "same" if sa == sb else "differs", sa, sb, detail))
     return report

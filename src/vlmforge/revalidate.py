@@ -6,18 +6,17 @@ from pathlib import Path
 
 from vlmforge.build import source_config_sha256, validation_images
 from vlmforge.config import from_omegaconf
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract
 from vlmforge.errors import CheckpointError
 from vlmforge.manifest import check_verified
 from vlmforge.source import load_model, open_source
-from vlmforge.validators.reference import image_params
+from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult
 from vlmforge.validators.suite import SuiteInputs, run_suite
 
 
 def contract_from_manifest(stage: str, comp: dict, meta: dict) -> StageContract:
-    spec = lambda t: TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))  # noqa: E731
-    return StageContract(stage, tuple(map(spec, comp["inputs"])), tuple(map(spec, comp["outputs"])), meta)
+    return StageContract.from_json(stage, comp, meta)
 
 
 def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResult]:
@@ -61,6 +60,7 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
                                   fix="pass --checkpoint with the original checkpoint, or rebuild the set")
     precisions = {s: m["components"][s]["precision"] for s in contracts}
     dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
-    inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, image_params(source.path, model.config, size),
+    params = image_params(source.path, model.config, size, family.image.mean, family.image.std)
+    inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
     return run_suite(inp, model, source.path, cfg.validate, validation_images(cfg.validate)).checks

@@ -13,8 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmforge.core.hashing import sha256_file
 from vlmforge.errors import CheckpointError
-from vlmforge.paths import confine, sha256_file
+from vlmforge.paths import confine
 from vlmforge.registry import FamilySpec, family_for_architecture, get_family
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,13 @@ def checkpoint_file(path: Path, name: str, where: str) -> Path:
 def fixture_fingerprint(family_key: str, trained: bool = False) -> str:
     """Hash of the code (and shipped weights) that write a family's embedded fixture: a changed fixture
     never reuses a stale cache."""
+    import inspect
+
     import vlmforge.fixtures as fx
 
     root = Path(fx.__file__).parent
     files = [root / "tokens.py", root / "tokenizer.py", root / "checkpoint.py",
-             root.parent / "families" / family_key / "fixture.py"]
+             Path(inspect.getsourcefile(get_family(family_key).write_fixture))]
     if trained:
         files += [root / "trained.py", root / "trained" / "SHA256SUMS"]
     h = hashlib.sha256()

@@ -14,7 +14,7 @@ import torch
 
 from vlmforge.fixtures.images import sample_image
 from vlmforge.runtime.genai_config import GENAI_CONFIG, PROCESSOR_CONFIG, RUNTIME_CONFIG, write_runtime_configs
-from vlmforge.runtime.preprocess import image_to_patches, load_image
+from vlmforge.host.preprocess import image_to_patches, load_image
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -64,16 +64,17 @@ def hf(work_dirs):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vlmforge.source import fixture_dir
-    from vlmforge.validators.reference import Reference, image_params
+    from vlmforge.host.image import image_params
+    from vlmforge.validators.reference import Reference
 
     src = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     m = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).eval()
-    return Reference("qwen2_5_vl", m, src, image_params(src, m.config, 392))
+    return Reference("qwen2_5_vl", m, src, image_params(src, m.config, 392, *_clip_mean_std()))
 
 
 def hf_generate(ref, prompt: str, paths, n: int) -> tuple[list[int], np.ndarray]:
     """Greedy HF generate stopping at EOS; (tokens, per-step logits [T, V])."""
-    from vlmforge.runtime.prompt import mm_token_type_ids
+    from vlmforge.host.prompt import mm_token_type_ids
 
     ids = torch.tensor([ref.prompt_ids(prompt, len(paths))])
     kw = {"mm_token_type_ids": torch.from_numpy(mm_token_type_ids(ids.numpy(), ref.config.image_token_id))}
@@ -161,7 +162,7 @@ def test_genai_files_only_for_sets_genai_runs_faithfully(tmp_path):
     from vlmforge.exporters.embedding import embedding_contract
     from vlmforge.families.qwen3_vl.fixture import tiny_config
     from vlmforge.families.qwen3_vl.vision import vision_contract
-    from vlmforge.validators.reference import ImageParams
+    from vlmforge.host.image import ImageParams
 
     cfg = tiny_config()
     params = ImageParams(384, 16, 2, 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -172,7 +173,7 @@ def test_genai_files_only_for_sets_genai_runs_faithfully(tmp_path):
         contracts = {"vision": vision_contract(cfg, 384, deepstack=deepstack),
                      "embedding": embedding_contract(cfg.text_config.hidden_size, layers),
                      "decoder": decoder_contract(cfg.text_config, layers)}
-        written = {p.name for p in write_runtime_configs(d, "qwen3_vl", cfg, contracts, params, deepstack)}
+        written = {p.name for p in write_runtime_configs(d, "qwen3_vl", "qwen3_vl", cfg, contracts, params, deepstack)}
         runtime = json.loads((d / RUNTIME_CONFIG).read_text())
         assert runtime["context_length"] == cfg.text_config.max_position_embeddings
         if deepstack:
@@ -212,3 +213,10 @@ def test_qwen3_vl_with_deepstack_gets_no_genai_config(qwen3_384):
 
 
 PROMPT3 = "Describe this image in detail."
+
+
+def _clip_mean_std():
+    from vlmforge.registry import get_family
+
+    image = get_family("qwen2_5_vl").image
+    return image.mean, image.std

@@ -46,17 +46,18 @@ def hf(work_dirs):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vlmforge.source import fixture_dir
-    from vlmforge.validators.reference import Reference, image_params
+    from vlmforge.host.image import image_params
+    from vlmforge.validators.reference import Reference
 
     src = fixture_dir(work_dirs["cache"], "qwen2_5_vl")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).eval()
-    return Reference("qwen2_5_vl", model, src, image_params(src, model.config, 392))
+    return Reference("qwen2_5_vl", model, src, image_params(src, model.config, 392, *_clip_mean_std()))
 
 
 def hf_greedy(ref, prompt: str, image_paths, n: int) -> list[int]:
     """HF generate, greedy, stopping at EOS like the runtime (no min_new_tokens)."""
-    from vlmforge.runtime.preprocess import load_image
-    from vlmforge.runtime.prompt import mm_token_type_ids
+    from vlmforge.host.preprocess import load_image
+    from vlmforge.host.prompt import mm_token_type_ids
 
     ids = torch.tensor([ref.prompt_ids(prompt, len(image_paths))])
     kw = {"mm_token_type_ids": torch.from_numpy(mm_token_type_ids(ids.numpy(), ref.config.image_token_id))}
@@ -382,3 +383,10 @@ def test_decode_past_the_capacity_is_refused(pipe):
         state.step([5])  # capacity = prompt + max_new_tokens: one decode step fits
         with pytest.raises(InputError, match="does not fit the KV cache"):
             state.step([6])
+
+
+def _clip_mean_std():
+    from vlmforge.registry import get_family
+
+    image = get_family("qwen2_5_vl").image
+    return image.mean, image.std

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from transformers import AttentionInterface
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract, TensorSpec
 
 ATTN_IMPL = "vlmforge_grouped"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract, TensorSpec
 
 
 class EmbeddingForExport(torch.nn.Module):

@@ -1,4 +1,13 @@
-"""Built-in model families. Adding one = a folder with its stage files, a fixture, recipes and tests,
-plus one import line here."""
+"""The model families: the one list of them.
 
-from vlmforge.families import qwen2_5_vl, qwen3_vl  # noqa: F401  (each registers itself)
+Each row is (family key = HF `config.model_type`, the module whose `FAMILY` is its FamilySpec). Adding a
+family = a folder with its stage files, a fixture, recipes and tests, plus one row here; nothing else.
+`vlmforge.registry` imports every module listed and checks its spec; nothing else reads this table.
+A table of names rather than imports: importing `vlmforge.families.spec` or `.grid` stays cheap, and the
+registry alone decides when the families (and torch, which their stages need) are loaded.
+"""
+
+FAMILY_MODULES: tuple[tuple[str, str], ...] = (
+    ("qwen2_5_vl", "vlmforge.families.qwen2_5_vl"),
+    ("qwen3_vl", "vlmforge.families.qwen3_vl"),
+)

@@ -7,13 +7,12 @@ FP16 graphs with FP16 I/O run through the same calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from vlmforge.contracts import TensorSpec, diff_contract
+from vlmforge.core.contracts import KVLayout, TensorSpec, diff_contract
 
 _ORT_TO_NP = {
     "tensor(float)": np.float32,
@@ -87,15 +86,6 @@ class Graph:
         names = outputs or self.output_names
         values = self.session.run(names, cast)
         return {n: (v.astype(np.float32) if v.dtype == np.float16 else v) for n, v in zip(names, values)}
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    deepstack_layers: int
-    hidden: int
 
 
 class Engine:

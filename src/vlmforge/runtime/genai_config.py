@@ -7,7 +7,7 @@
   faithfully: Qwen2.5-VL always, Qwen3-VL only with DeepStack dropped — 0.18 has no DeepStack path,
   field notes §9). Its JSON parser rejects unknown keys, so this file holds nothing of vlmforge's own.
   Schema: `src/config.cpp` of microsoft/onnxruntime-genai (Model_Element, Decoder_Element,
-  Embedding_Element, Vision_Element, Search_Element); the model type `qwen2_5_vl` / `qwen3_vl` without
+  Embedding_Element, Vision_Element, Search_Element); the family's model type (FamilySpec.genai_type) without
   a `decoder.pipeline` selects its MultiModalLanguageModel (vision -> embedding -> decoder sessions,
   3-D MRoPE positions computed by the runtime, vision run once per image with `image_grid_thw [1, 3]`).
 * `processor_config.json`: the onnxruntime-extensions image pipeline DecodeImage -> ConvertRGB ->
@@ -21,20 +21,20 @@ The decoder concatenates past and new keys/values, so `search.past_present_share
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from vlmforge.core.contracts import KVLayout
 from vlmforge.errors import ContractError
+from vlmforge.host.tokens import eos_ids, pad_id
 
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 RUNTIME_CONFIG = "runtime_config.json"
-GENAI_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 
 
-def genai_loadable(family_key: str, deepstack: bool) -> tuple[bool, str]:
-    """(loadable, reason) for onnxruntime-genai 0.18."""
-    if family_key not in GENAI_TYPES:
+def genai_loadable(family_key: str, genai_type: str | None, deepstack: bool) -> tuple[bool, str]:
+    """(loadable, reason) for onnxruntime-genai 0.18; `genai_type` is the family's FamilySpec.genai_type."""
+    if not genai_type:
         return False, f"onnxruntime-genai has no model type for family {family_key!r}"
     if deepstack:
         return False, ("onnxruntime-genai 0.18 has no DeepStack path; build with model.deepstack=drop for a "
@@ -42,12 +42,14 @@ def genai_loadable(family_key: str, deepstack: bool) -> tuple[bool, str]:
     return True, ""
 
 
-def write_runtime_configs(directory: Path, family_key: str, hf_config, contracts: dict, params, deepstack: bool) -> list[Path]:
-    """Write the runtime config files into `directory`; return their paths."""
+def write_runtime_configs(directory: Path, family_key: str, genai_type: str | None, hf_config, contracts: dict, params,
+                          deepstack: bool) -> list[Path]:
+    """Write the runtime config files into `directory`; return their paths. `genai_type` is the family's
+    onnxruntime-genai model type (None: the runtime cannot load the family)."""
     directory = Path(directory)
     tc = hf_config.text_config
     ids = token_ids(hf_config, _generation_config(directory))
-    loadable, reason = genai_loadable(family_key, deepstack)
+    loadable, reason = genai_loadable(family_key, genai_type, deepstack)
     runtime = {
         "format": "vlmforge-runtime",
         "version": 1,
@@ -59,32 +61,29 @@ def write_runtime_configs(directory: Path, family_key: str, hf_config, contracts
     }
     written = [_write_json(directory / RUNTIME_CONFIG, runtime)]
     if loadable:
-        genai = genai_config(family_key, hf_config, contracts, params, ids)
+        genai = genai_config(genai_type, hf_config, contracts, params, ids)
         written.append(_write_json(directory / GENAI_CONFIG, genai))
-        written.append(_write_json(directory / PROCESSOR_CONFIG, processor_config(family_key, params)))
+        written.append(_write_json(directory / PROCESSOR_CONFIG, processor_config(family_key, genai_type, params)))
     return written
 
 
 def token_ids(hf_config, generation_config: dict) -> dict:
     """EOS list (generation_config first, then the text config's, de-duplicated), pad, bos."""
     tc = hf_config.text_config
-    eos: list[int] = []
-    for source in (generation_config.get("eos_token_id"), getattr(tc, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        for e in (source if isinstance(source, (list, tuple)) else [source]):
-            if e is not None and int(e) not in eos:
-                eos.append(int(e))
-    pad = generation_config.get("pad_token_id", getattr(tc, "pad_token_id", None))
+    eos = list(eos_ids(generation_config.get("eos_token_id"), getattr(tc, "eos_token_id", None),
+                       getattr(hf_config, "eos_token_id", None)))
+    pad = pad_id(generation_config.get("pad_token_id", getattr(tc, "pad_token_id", None)), eos)
     bos = generation_config.get("bos_token_id", getattr(tc, "bos_token_id", None))
-    return {"eos": eos, "pad": pad if pad is not None else (eos[0] if eos else 0), "bos": bos}
+    return {"eos": eos, "pad": pad, "bos": bos}
 
 
-def genai_config(family_key: str, hf_config, contracts: dict, params, ids: dict) -> dict:
+def genai_config(genai_type: str, hf_config, contracts: dict, params, ids: dict) -> dict:
     tc = hf_config.text_config
     dec, emb, vis = contracts["decoder"], contracts["embedding"], contracts["vision"]
     kv = _kv_dims(dec)
     context = int(tc.max_position_embeddings)
     model = {
-        "type": GENAI_TYPES[family_key],
+        "type": genai_type,
         "context_length": context,
         "vocab_size": int(tc.vocab_size),
         "eos_token_id": ids["eos"],
@@ -154,7 +153,8 @@ def genai_config(family_key: str, hf_config, contracts: dict, params, ids: dict)
     return {"model": model, "search": search}
 
 
-def processor_config(family_key: str, params) -> dict:
+def processor_config(family_key: str, genai_type: str, params) -> dict:
+    """The onnxruntime-extensions image pipeline; `Normalize` carries the genai model type as a flag."""
     def op(name: str, kind: str, **attrs) -> dict:
         out = {"name": name, "type": kind}
         if attrs:
@@ -170,7 +170,7 @@ def processor_config(family_key: str, params) -> dict:
                 op("resize", "Resize", width=int(params.size), height=int(params.size), smart_resize=0,
                    patch_size=int(params.patch_size), merge_size=int(params.merge_size)),
                 op("rescale", "Rescale", rescale_factor=1 / 255),
-                op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{GENAI_TYPES[family_key]: 1}),
+                op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{genai_type: 1}),
                 op("patch_image", "PatchImage", patch_size=int(params.patch_size),
                    temporal_patch_size=int(params.temporal_patch_size), merge_size=int(params.merge_size)),
             ],
@@ -179,19 +179,8 @@ def processor_config(family_key: str, params) -> dict:
 
 
 def _kv_dims(dec) -> dict:
-    layers = sorted(int(m.group(1)) for n in dec.input_names if (m := re.fullmatch(r"past_key_values\.(\d+)\.key", n)))
-    if not layers or layers != list(range(len(layers))):
-        raise ContractError(
-            f"decoder contract has past key inputs for layers {layers}; expected 0..N-1",
-            where="decoder contract (vlmforge.runtime.genai_config)",
-            fix="export the decoder with flat past_key_values.{i}.key/value inputs",
-        )
-    shape = dec.input("past_key_values.0.key").shape
-    for i in layers:
-        for kind in ("key", "value"):
-            _need(dec, "inputs", f"past_key_values.{i}.{kind}")
-            _need(dec, "outputs", f"present.{i}.{kind}")
-    return {"num_layers": len(layers), "kv_heads": int(shape[1]), "head_dim": int(shape[3])}
+    layout = KVLayout.from_contract(dec, where="decoder contract (vlmforge.runtime.genai_config)")
+    return {"num_layers": layout.num_layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim}
 
 
 def _need(contract, side: str, name: str) -> str:

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from vlmforge.runtime import mrope
+from vlmforge.host import mrope
+from vlmforge.host.tokens import left_pad
 from vlmforge.runtime.engine import Engine
 from vlmforge.runtime.kv import BoundDecoder
 
@@ -40,7 +41,6 @@ class TokenIds:
     vision_start: int
     eos: tuple[int, ...]
     merge_size: int
-    family: str
 
 
 @dataclass
@@ -85,17 +85,6 @@ def encode_images(engine: Engine, images) -> tuple[np.ndarray | None, np.ndarray
         np.concatenate(deep, 1) if deep else None,
         np.concatenate(grids, 0).astype(np.int64),
     )
-
-
-def left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids [B, S] and attention mask [B, S]."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 class DecodeState:
@@ -167,7 +156,7 @@ def prefill(
     embeds, deep_embeds = engine.embed(input_ids, features, deepstack)
     positions, deltas = mrope.rope_index(
         input_ids, mask, grids, image_token_id=ids.image, vision_start_token_id=ids.vision_start,
-        spatial_merge_size=ids.merge_size, family=ids.family,
+        spatial_merge_size=ids.merge_size,
     )
     seq = input_ids.shape[1]
     decoder = BoundDecoder(engine.decoder, engine.layout, batch=len(rows), capacity=seq + max(max_new_tokens, 0),

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,15 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmforge.core.contracts import StageContract
 from vlmforge.errors import ArtifactError, InputError
+from vlmforge.host import prompt as P
 from vlmforge.manifest import MANIFEST, RELEASE_FILES, check_verified
 from vlmforge.paths import confine
-from vlmforge.runtime import prompt as P
 from vlmforge.runtime.engine import Engine, KVLayout
 from vlmforge.runtime.genai_config import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.runtime.kv import MODES, device_of
 from vlmforge.runtime.loop import GenerationStats, PromptInputs, TokenIds, decode_steps, prefill
-from vlmforge.runtime.preprocess import image_to_patches, load_image
+from vlmforge.host.preprocess import image_to_patches, load_image
+from vlmforge.host.tokens import eos_ids
 from vlmforge.runtime.sampling import sample_next
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class Pipeline:
             "std": tuple(pp.get("std", (0.5, 0.5, 0.5))),
         }
         tid = manifest["token_ids"]
-        self.ids = TokenIds(int(tid["image"]), int(tid["vision_start"]), tuple(eos), self._pp["merge_size"], self.family)
+        self.ids = TokenIds(int(tid["image"]), int(tid["vision_start"]), tuple(eos), self._pp["merge_size"])
         self.pad_id = int(pad)
         self.context_length = context_length
         self.kv_mode = kv_mode
@@ -452,19 +453,8 @@ def _params(kwargs: dict, where: str) -> SamplingParams:
 
 def layout_from_manifest(manifest: dict, where: str) -> KVLayout:
     """KV layout from the decoder's (and embedding's) I/O contract recorded in the manifest."""
-    dec = {t["name"]: t for t in manifest["components"]["decoder"]["inputs"]}
-    layers = sorted(int(m.group(1)) for n in dec if (m := re.fullmatch(r"past_key_values\.(\d+)\.key", n)))
-    if not layers or layers != list(range(len(layers))) or "inputs_embeds" not in dec:
-        raise ArtifactError("the manifest's decoder contract has no flat past_key_values.{i}.key inputs / inputs_embeds",
-                            where=where, fix="rebuild the artifact set with this vlmforge version")
-    kv = dec["past_key_values.0.key"]["shape"]
-    deep = dec.get("deepstack_embeds")
-    try:
-        return KVLayout(len(layers), int(kv[1]), int(kv[3]), int(deep["shape"][0]) if deep else 0,
-                        int(dec["inputs_embeds"]["shape"][2]))
-    except (ValueError, TypeError, IndexError) as exc:
-        raise ArtifactError(f"the manifest's decoder contract has no fixed KV heads / head size / hidden size ({exc})",
-                            where=where, fix="rebuild the artifact set with this vlmforge version") from None
+    return KVLayout.from_contract(StageContract.from_json("decoder", manifest["components"]["decoder"]), where,
+                                  error=ArtifactError)
 
 
 def check_providers(providers, where: str) -> list[str] | None:
@@ -514,15 +504,11 @@ def _listed_json(directory: Path, manifest: dict, name: str) -> dict:
 
 
 def _eos_ids(*sources) -> tuple[int, ...]:
-    out: list[int] = []
-    for s in sources:
-        for e in (s if isinstance(s, (list, tuple)) else [s]):
-            if e is not None and int(e) not in out:
-                out.append(int(e))
+    out = eos_ids(*sources)
     if not out:
         raise ArtifactError("the artifact set names no end-of-sequence token", where="manifest token_ids.eos",
                             fix="rebuild the artifact set from a checkpoint whose config sets eos_token_id")
-    return tuple(out)
+    return out
 
 
 def _load_tokenizer(directory: Path):

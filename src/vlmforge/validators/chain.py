@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlmforge.runtime.engine import Engine
+from vlmforge.host.tokens import eos_ids
 from vlmforge.runtime.loop import PromptInputs, TokenIds, generate_tokens, greedy
 from vlmforge.validators.reference import Reference
 from vlmforge.validators.metrics import gate, metrics
@@ -16,10 +17,8 @@ from vlmforge.validators.results import CheckResult
 def token_ids(ref: Reference) -> TokenIds:
     cfg = ref.config
     eos = ref.model.generation_config.eos_token_id
-    if eos is None:
-        eos = cfg.text_config.eos_token_id
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    return TokenIds(cfg.image_token_id, cfg.vision_start_token_id, eos, ref.params.merge_size, ref.family_key)
+    eos = eos_ids(eos if eos is not None else cfg.text_config.eos_token_id)
+    return TokenIds(cfg.image_token_id, cfg.vision_start_token_id, eos, ref.params.merge_size)
 
 
 def run_chain(engine: Engine, ref: Reference, prompt: str, images, n_tokens: int):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from vlmforge.contracts import StageContract, TensorSpec, diff_contract
+from vlmforge.core.contracts import StageContract, TensorSpec, diff_contract
 from vlmforge.validators.results import CheckResult
 
 _ONNX_DTYPES = {

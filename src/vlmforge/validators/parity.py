@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmforge.runtime import mrope
+from vlmforge.host import mrope
+from vlmforge.host.tokens import left_pad, pad_id
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators.reference import Reference
 from vlmforge.validators.metrics import compare
@@ -35,20 +36,14 @@ def check_vision(engine: Engine, ref: Reference, images, tol: dict, deepstack: b
     return out
 
 
-def _batch(ref: Reference, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _batch(ref: Reference, rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded batch (the padding side generation uses)."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return left_pad(rows, pad)
 
 
 def check_embedding(engine: Engine, ref: Reference, image, tol: dict, deepstack: bool) -> list[CheckResult]:
     cfg = ref.config
-    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+    pad = pad_id(cfg.text_config.pad_token_id)
     pv, grid = ref.hf_pixels(image)
     feats, ds = ref.vision(pv, grid)
     out = []
@@ -70,7 +65,7 @@ def check_decoder(engine: Engine, ref: Reference, image, tol: dict, deepstack: b
     """Prefill (empty past) and decode steps (with past), batch of 2 with left padding, image-derived
     3-D positions. HF side: the full model forward, positions computed by HF from mm_token_type_ids."""
     cfg = ref.config
-    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+    pad = pad_id(cfg.text_config.pad_token_id)
     pv, grid = ref.hf_pixels(image)
     feats, ds = ref.vision(pv, grid)
     ids, mask = _batch(ref, [ref.prompt_ids("What is in the image?", 1), ref.prompt_ids("Say something.", 0)], pad)
@@ -78,7 +73,7 @@ def check_decoder(engine: Engine, ref: Reference, image, tol: dict, deepstack: b
     dense = ref.deepstack_dense(ids, ds) if deepstack else None
     positions, deltas = mrope.rope_index(
         ids, mask, grid.numpy(), image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
-        spatial_merge_size=ref.params.merge_size, family=ref.family_key,
+        spatial_merge_size=ref.params.merge_size,
     )
     logits, past = engine.decode(embeds, mask, positions, engine.empty_past(2), dense)
     want = ref.logits(ids, mask, pv, grid)

@@ -6,70 +6,28 @@ Inputs are real: images through the HF image processor, prompts through the chec
 
 from __future__ import annotations
 
-import importlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vlmforge.runtime import prompt as P
-from vlmforge.runtime.preprocess import image_to_patches
-
-
-@dataclass(frozen=True)
-class ImageParams:
-    size: int
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def patches(self, image) -> tuple[np.ndarray, np.ndarray]:
-        return image_to_patches(
-            image, size=self.size, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
-            merge_size=self.merge_size, mean=self.mean, std=self.std,
-        )
-
-    @property
-    def tokens_per_image(self) -> int:
-        return (self.size // self.patch_size // self.merge_size) ** 2
-
-    def to_json(self) -> dict:
-        return {"size": self.size, "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
-                "merge_size": self.merge_size, "mean": list(self.mean), "std": list(self.std)}
-
-
-def image_params(source_path: Path, hf_config, size: int) -> ImageParams:
-    """Read the checkpoint's preprocessor_config.json; the vision config fills what it lacks."""
-    vc = hf_config.vision_config
-    cfg_path = Path(source_path) / "preprocessor_config.json"
-    pp = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    default_mean = (0.5, 0.5, 0.5) if hf_config.model_type == "qwen3_vl" else (0.48145466, 0.4578275, 0.40821073)
-    default_std = (0.5, 0.5, 0.5) if hf_config.model_type == "qwen3_vl" else (0.26862954, 0.26130258, 0.27577711)
-    return ImageParams(
-        size=size,
-        patch_size=int(pp.get("patch_size", vc.patch_size)),
-        temporal_patch_size=int(pp.get("temporal_patch_size", vc.temporal_patch_size)),
-        merge_size=int(pp.get("merge_size", vc.spatial_merge_size)),
-        mean=tuple(float(x) for x in pp.get("image_mean", default_mean)),
-        std=tuple(float(x) for x in pp.get("image_std", default_std)),
-    )
+from vlmforge.registry import get_family
+from vlmforge.host import prompt as P
+from vlmforge.host.image import ImageParams
 
 
 class Reference:
     def __init__(self, family_key: str, hf_model, source_path: Path, params: ImageParams) -> None:
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+        import transformers
 
+        family = get_family(family_key, where="vlmforge.validators.reference.Reference")
         self.family_key = family_key
         self.model = hf_model
         self.config = hf_model.config
         self.params = params
-        self.tokenizer = AutoTokenizer.from_pretrained(str(source_path))
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(source_path))
-        self._vision_mod = importlib.import_module(f"vlmforge.families.{family_key}.vision")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_path))
+        self.image_processor = getattr(transformers, family.image.processor_class).from_pretrained(str(source_path))
+        self._reference_vision = family.reference_vision
 
     # -- inputs -----------------------------------------------------------------------------------
     def hf_pixels(self, image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +55,7 @@ class Reference:
     # -- model --------------------------------------------------------------------------------------
     @torch.no_grad()
     def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self._vision_mod.reference_vision(self.model, pixel_values, grid_thw)
+        out = self._reference_vision(self.model, pixel_values, grid_thw)
         if isinstance(out, tuple):
             return out[0].float().numpy(), (out[1].float().numpy() if out[1] is not None else None)
         return out.float().numpy(), None

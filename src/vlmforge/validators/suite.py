@@ -10,11 +10,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vlmforge.contracts import StageContract
+from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.errors import RecipeError
-from vlmforge.runtime.engine import Engine, KVLayout
+from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
-from vlmforge.validators.reference import ImageParams, Reference
+from vlmforge.host.image import ImageParams
+from vlmforge.validators.reference import Reference
 from vlmforge.validators.results import CheckResult
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ def tolerance(tolerances: dict, stage: str, precision: str) -> dict:
 
 def engine_for(directory: Path, contracts: dict[str, StageContract], providers=None, fallback: Path | None = None) -> Engine:
     """Engine over `directory`; a stage missing there is taken from `fallback` (FP32 stages of a mixed build)."""
-    meta = contracts["decoder"].meta
-    layout = KVLayout(meta["num_layers"], meta["kv_heads"], meta["head_dim"], meta.get("deepstack_layers", 0), meta["hidden"])
+    layout = KVLayout.from_contract(contracts["decoder"])
 
     def path(stage: str) -> Path:
         p = directory / f"{stage}.onnx"
@@ -128,11 +128,11 @@ def _versus_fp32_onnx(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, im
                        tolerance(vcfg.tolerances, "embedding", inp.precisions["embedding"]))
     if inp.precisions["decoder"] != "fp32":
         emb, deep = base.embed(ids, feats, ds)
-        from vlmforge.runtime import mrope
+        from vlmforge.host import mrope
 
         pos, _ = mrope.rope_index(ids, None, grid.numpy(), image_token_id=ref.config.image_token_id,
                                   vision_start_token_id=ref.config.vision_start_token_id,
-                                  spatial_merge_size=ref.params.merge_size, family=inp.family_key)
+                                  spatial_merge_size=ref.params.merge_size)
         got, _ = engine.decode(emb, np.ones_like(ids), pos, engine.empty_past(1), deep)
         want, _ = base.decode(emb, np.ones_like(ids), pos, base.empty_past(1), deep)
         out += compare("decoder", "prefill logits vs FP32 ONNX", got, want,

@@ -1,37 +1,35 @@
-"""Qwen2.5-VL: windowed ViT (patch 14, merge 2), MRoPE decoder with GQA."""
+"""Qwen2.5-VL: windowed ViT (patch 14, merge 2), MRoPE decoder with GQA.
+
+Every fact vlmforge knows about the family is in FAMILY; nothing outside this folder names it.
+"""
 
 from __future__ import annotations
 
-from vlmforge.registry import FamilySpec, StageSpec, lazy, register_family
+from vlmforge.families.qwen2_5_vl import decoder, dims, embedding, fixture, vision
+from vlmforge.families.spec import FamilySpec, ImageDefaults, StageSpec, TrainedSpec
 
-_P = "vlmforge.families.qwen2_5_vl"
-
-FAMILY = register_family(
-    FamilySpec(
-        key="qwen2_5_vl",
-        display_name="Qwen2.5-VL",
-        hf_class="Qwen2_5_VLForConditionalGeneration",
-        architectures=("Qwen2_5_VLForConditionalGeneration",),
-        patch_multiple=28,
-        default_sizes=(392, 672),
-        check_image_size=lazy(f"{_P}.dims:check_image_size"),
-        check_checkpoint_config=lambda hf_config, where: None,
-        deepstack_layers=lambda hf_config: 0,
-        write_fixture=lazy(f"{_P}.fixture:write_fixture"),
-        fixture_name="tiny-qwen2_5_vl",
-        stages={
-            "vision": StageSpec(
-                "vision",
-                lambda hf_config, o: lazy(f"{_P}.vision:vision_contract")(hf_config, o.image_size),
-                lambda hf_model, o, path: lazy(f"{_P}.vision:export_vision")(hf_model, o.image_size, path),
-            ),
-            "embedding": StageSpec(
-                "embedding", lazy(f"{_P}.embedding:embedding_contract"), lazy(f"{_P}.embedding:export_embedding")
-            ),
-            "decoder": StageSpec(
-                "decoder", lazy(f"{_P}.decoder:decoder_contract"), lazy(f"{_P}.decoder:export_decoder")
-            ),
-        },
-        genai_type="qwen2_5_vl",
-    )
+FAMILY = FamilySpec(
+    key="qwen2_5_vl",
+    display_name="Qwen2.5-VL",
+    hf_class="Qwen2_5_VLForConditionalGeneration",
+    architectures=("Qwen2_5_VLForConditionalGeneration",),
+    patch_multiple=28,
+    default_sizes=(392, 672),
+    check_image_size=dims.check_image_size,
+    check_checkpoint_config=dims.check_checkpoint_config,
+    deepstack_layers=dims.deepstack_layer_count,
+    write_fixture=fixture.write_fixture,
+    fixture_name="tiny-qwen2_5_vl",
+    reference_vision=vision.reference_vision,
+    # Both families preprocess with the Qwen2-VL processor; Qwen2.5-VL's defaults are CLIP's mean/std.
+    image=ImageDefaults("Qwen2VLImageProcessorPil", (0.48145466, 0.4578275, 0.40821073),
+                        (0.26862954, 0.26130258, 0.27577711)),
+    genai_type="qwen2_5_vl",
+    trained=TrainedSpec(112, fixture.trained_config_dict, fixture.image_processor_config),
+    write_bench_checkpoint=fixture.write_bench_checkpoint,
+    stages={
+        "vision": StageSpec("vision", vision.stage_contract, vision.stage_export),
+        "embedding": StageSpec("embedding", embedding.embedding_contract, embedding.export_embedding),
+        "decoder": StageSpec("decoder", decoder.decoder_contract, decoder.export_decoder),
+    },
 )

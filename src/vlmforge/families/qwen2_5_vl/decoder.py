@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmforge.contracts import StageContract
+from vlmforge.core.contracts import StageContract
 from vlmforge.exporters import decoder as D
 
 

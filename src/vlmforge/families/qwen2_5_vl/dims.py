@@ -31,3 +31,12 @@ PATCH_MULTIPLE = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28
 def check_image_size(size: int, where: str = "") -> None:
     """Raise RecipeError unless `size` is a positive multiple of 28 (patch 14 × merge 2)."""
     check_multiple(size, PATCH_SIZE, SPATIAL_MERGE_SIZE, where, "Qwen2.5-VL", "392 or 672")
+
+
+def deepstack_layer_count(hf_config: Any) -> int:
+    """The FamilySpec hook: Qwen2.5-VL has no DeepStack."""
+    return 0
+
+
+def check_checkpoint_config(hf_config: Any, where: str = "") -> None:
+    """The FamilySpec hook: nothing in a Qwen2.5-VL config that HF accepts is known to run wrong."""

@@ -121,3 +121,30 @@ def trained_config_dict() -> dict:
         "rope_parameters": {**cfg["text_config"]["rope_parameters"], "rope_theta": 10.0},
     }
     return cfg
+
+
+# Qwen2.5-VL-3B's public layer widths (field notes §12), for `vlmforge.bench`'s mid-size model.
+BENCH_TEXT = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
+              "num_key_value_heads": 2, "max_position_embeddings": 128000, "tie_word_embeddings": True,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}}
+BENCH_VISION = {"hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+                "window_size": 112, "hidden_act": "silu"}
+
+
+def write_bench_checkpoint(out_dir: Path, layers: int, vision_depth: int) -> Path:
+    """A random-weight checkpoint at Qwen2.5-VL-3B widths with `layers` decoder layers and `vision_depth` ViT
+    blocks (the last one full attention), the fixture tokenizer: real per-layer costs in a few GB."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmforge.fixtures.checkpoint import perturb_, write_hf_folder
+    from vlmforge.fixtures.tokenizer import build_tokenizer
+
+    d = tiny_config_dict()
+    d["tie_word_embeddings"] = True
+    d["text_config"].update(BENCH_TEXT, num_hidden_layers=layers)
+    d["vision_config"].update(BENCH_VISION, depth=vision_depth, fullatt_block_indexes=[vision_depth - 1])
+    config = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")})
+    torch.manual_seed(0)
+    model = perturb_(Qwen2_5_VLForConditionalGeneration(config), seed=0).eval()
+    return write_hf_folder(model, build_tokenizer(), image_processor_config(), Path(out_dir))

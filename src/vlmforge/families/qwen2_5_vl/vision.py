@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.exporters.onnx_export import export_module
 from vlmforge.families.qwen2_5_vl import dims
 
@@ -212,3 +212,13 @@ def reference_vision(hf_model, pixel_values: torch.Tensor, grid_thw: torch.Tenso
     """Ground truth: the stock HF tower. Its `pooler_output` is the merged features in image order."""
     out = _visual(hf_model)(pixel_values, grid_thw=grid_thw)
     return out.pooler_output
+
+
+def stage_contract(hf_config, options) -> StageContract:
+    """The StageSpec hook: the build's StageOptions -> this module's arguments (only the image size)."""
+    return vision_contract(hf_config, options.image_size)
+
+
+def stage_export(hf_model, options, out_path: Path) -> StageContract:
+    """The StageSpec hook: the build's StageOptions -> this module's arguments (only the image size)."""
+    return export_vision(hf_model, options.image_size, out_path)

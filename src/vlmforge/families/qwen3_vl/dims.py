@@ -64,3 +64,13 @@ def check_deepstack_indexes(vision_cfg: Any, where: str = "") -> None:
             where=where,
             fix="use a checkpoint whose config.json lists each DeepStack block once",
         )
+
+
+def deepstack_layer_count(hf_config: Any) -> int:
+    """The FamilySpec hook: how many DeepStack features the checkpoint's vision tower produces."""
+    return len(get(hf_config.vision_config, "deepstack_visual_indexes", None) or [])
+
+
+def check_checkpoint_config(hf_config: Any, where: str = "") -> None:
+    """The FamilySpec hook: refuse configs HF would run silently wrong (DeepStack indexes)."""
+    check_deepstack_indexes(hf_config.vision_config, where)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlmforge.contracts import StageContract, TensorSpec
+from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.errors import CheckpointError, ExportError, RecipeError
 from vlmforge.families.qwen3_vl import dims
 
@@ -257,3 +257,13 @@ def reference_vision(hf_model, pixel_values: torch.Tensor, grid_thw: torch.Tenso
         features, deepstack = out.pooler_output, list(out.deepstack_features)
     stacked = torch.stack(deepstack) if deepstack else features.new_zeros((0, *features.shape))
     return features, stacked
+
+
+def stage_contract(hf_config, options) -> StageContract:
+    """The StageSpec hook: the build's StageOptions -> this module's arguments (image size, DeepStack)."""
+    return vision_contract(hf_config, options.image_size, options.deepstack)
+
+
+def stage_export(hf_model, options, out_path: Path) -> StageContract:
+    """The StageSpec hook: the build's StageOptions -> this module's arguments (image size, DeepStack)."""
+    return export_vision(hf_model, options.image_size, out_path, options.deepstack)

@@ -11,7 +11,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from vlmforge.errors import InputError
 from vlmforge.fixtures import tokens as T
-from vlmforge.runtime.prompt import expand_image_tokens, image_token_counts, mm_token_type_ids
+from vlmforge.host.prompt import expand_image_tokens, image_token_counts, mm_token_type_ids
 
 VS, VE, IMG, VID = T.VISION_START_TOKEN_ID, T.VISION_END_TOKEN_ID, T.IMAGE_TOKEN_ID, T.VIDEO_TOKEN_ID
 

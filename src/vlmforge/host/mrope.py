@@ -6,7 +6,8 @@ tokens advance all three axes by one; an image of merged grid (t, h, w) starting
 t-ids ``p + arange(t)``, h-ids ``p + row`` and w-ids ``p + col``, and the text after it resumes at
 ``p + max(h, w)``. The families differ only for videos (Qwen2.5-VL scales the temporal axis by
 ``tokens_per_second * second_per_grid_ts``; Qwen3-VL splits a video into one grid per frame and separates
-frames with timestamp text), which is why `family` is an argument.
+frames with timestamp text); since vlmforge handles images only, nothing here depends on the family. Video
+support would add the scheme as a FamilySpec fact and an argument here.
 
 HF finds the images through `mm_token_type_ids` (runs of image tokens), not through the vision-start
 token; this module does the same and additionally requires every image run to sit right after a
@@ -26,9 +27,7 @@ import numpy as np
 
 from vlmforge.errors import InputError
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-
-__all__ = ["FAMILIES", "decode_position_ids", "rope_index"]
+__all__ = ["decode_position_ids", "rope_index"]
 
 
 def rope_index(
@@ -39,7 +38,6 @@ def rope_index(
     image_token_id: int,
     vision_start_token_id: int | None,
     spatial_merge_size: int,
-    family: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Prefill position ids ``[3, B, S]`` and ``rope_deltas [B, 1]`` (both int64), as HF `get_rope_index`.
 
@@ -47,12 +45,6 @@ def rope_index(
     consumed from `image_grid_thw` (``[n_images, 3]``, patch grid before merging) in batch-major order.
     `vision_start_token_id=None` skips the check that each image follows a vision-start token.
     """
-    if family not in FAMILIES:
-        raise InputError(
-            f"unknown model family {family!r} for MRoPE position ids",
-            where="vlmforge.runtime.mrope.rope_index",
-            fix=f"pass one of {', '.join(FAMILIES)}",
-        )
     ids = _as_2d_int(input_ids, "input_ids")
     mask = _mask_or_ones(attention_mask, ids.shape)
     grids = _grids(image_grid_thw)
@@ -66,7 +58,7 @@ def rope_index(
         if row_ids.size == 0:
             raise InputError(
                 f"batch row {row} has no attended token (attention_mask is all zeros)",
-                where="vlmforge.runtime.mrope.rope_index",
+                where="vlmforge.host.mrope.rope_index",
                 fix="drop empty prompts from the batch before prefill",
             )
         positions, next_image = _row_positions(
@@ -77,8 +69,8 @@ def rope_index(
     if next_image != len(grids):
         raise InputError(
             f"image_grid_thw has {len(grids)} images but input_ids hold {next_image} image-token runs",
-            where="vlmforge.runtime.mrope.rope_index",
-            fix="expand one <|image_pad|> placeholder per image (vlmforge.runtime.prompt.expand_image_tokens)",
+            where="vlmforge.host.mrope.rope_index",
+            fix="expand one <|image_pad|> placeholder per image (vlmforge.host.prompt.expand_image_tokens)",
         )
     return position_ids, deltas
 
@@ -99,13 +91,13 @@ def decode_position_ids(
     if new_tokens < 1:
         raise InputError(
             f"new_tokens must be >= 1, got {new_tokens}",
-            where="vlmforge.runtime.mrope.decode_position_ids",
+            where="vlmforge.host.mrope.decode_position_ids",
             fix="pass the number of tokens fed to this decode step",
         )
     if (attention_mask is None) == (past_len is None):
         raise InputError(
             "decode_position_ids needs exactly one of attention_mask and past_len",
-            where="vlmforge.runtime.mrope.decode_position_ids",
+            where="vlmforge.host.mrope.decode_position_ids",
             fix="pass attention_mask when the batch is padded, else past_len",
         )
     if attention_mask is not None:
@@ -113,7 +105,7 @@ def decode_position_ids(
         if mask.ndim != 2 or mask.shape[0] != deltas.shape[0] or mask.shape[1] < new_tokens:
             raise InputError(
                 f"attention_mask has shape {mask.shape}; expected [B={deltas.shape[0]}, past + {new_tokens}]",
-                where="vlmforge.runtime.mrope.decode_position_ids",
+                where="vlmforge.host.mrope.decode_position_ids",
                 fix="pass the full attention mask, including the columns of the new tokens",
             )
         pos = np.cumsum(mask, axis=-1) - 1
@@ -122,7 +114,7 @@ def decode_position_ids(
         if past_len < 0:
             raise InputError(
                 f"past_len must be >= 0, got {past_len}",
-                where="vlmforge.runtime.mrope.decode_position_ids",
+                where="vlmforge.host.mrope.decode_position_ids",
                 fix="pass the number of tokens already in the KV cache",
             )
         pos = np.broadcast_to(np.arange(past_len, past_len + new_tokens, dtype=np.int64), (deltas.shape[0], new_tokens))
@@ -143,14 +135,14 @@ def _row_positions(row_ids, grids, next_image, row, image_token_id, vision_start
             raise InputError(
                 f"batch row {row}: image tokens at {start}..{end - 1} do not follow a vision-start token "
                 f"({vision_start_token_id})",
-                where="vlmforge.runtime.mrope.rope_index",
+                where="vlmforge.host.mrope.rope_index",
                 fix="build prompts as <|vision_start|><|image_pad|>*N<|vision_end|> (one run per image)",
             )
         if next_image >= len(grids):
             raise InputError(
                 f"input_ids hold more image-token runs than the {len(grids)} images in image_grid_thw "
                 f"(batch row {row}, tokens {start}..{end - 1})",
-                where="vlmforge.runtime.mrope.rope_index",
+                where="vlmforge.host.mrope.rope_index",
                 fix="pass one image_grid_thw row per image, in prompt order",
             )
         out[:, start:end], advance = _image_positions(grids[next_image], cur, end - start, merge, next_image)
@@ -169,7 +161,7 @@ def _image_positions(grid, start, n_tokens, merge, index):
         raise InputError(
             f"image {index} has grid (t={t}, h={h}, w={w}) -> {lt * lh * lw} tokens after merge {merge}, "
             f"but its run of image tokens is {n_tokens} long",
-            where="vlmforge.runtime.mrope.rope_index",
+            where="vlmforge.host.mrope.rope_index",
             fix="expand each placeholder to grid_t*grid_h*grid_w // spatial_merge_size**2 image tokens",
         )
     tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
@@ -187,7 +179,7 @@ def _as_2d_int(x, name: str) -> np.ndarray:
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise InputError(
             f"{name} must be a 2-D integer array [batch, seq], got shape {arr.shape} dtype {arr.dtype}",
-            where="vlmforge.runtime.mrope.rope_index",
+            where="vlmforge.host.mrope.rope_index",
             fix=f"pass {name} as np.int64 of shape [batch, seq]",
         )
     return arr.astype(np.int64, copy=False)
@@ -200,7 +192,7 @@ def _mask_or_ones(attention_mask, shape) -> np.ndarray:
     if mask.shape != shape:
         raise InputError(
             f"attention_mask has shape {mask.shape}, input_ids {shape}",
-            where="vlmforge.runtime.mrope.rope_index",
+            where="vlmforge.host.mrope.rope_index",
             fix="pass an attention mask of the same shape as input_ids",
         )
     return mask.astype(bool)
@@ -213,7 +205,7 @@ def _grids(image_grid_thw) -> np.ndarray:
     if grids.ndim != 2 or grids.shape[1] != 3:
         raise InputError(
             f"image_grid_thw must have shape [n_images, 3], got {grids.shape}",
-            where="vlmforge.runtime.mrope.rope_index",
+            where="vlmforge.host.mrope.rope_index",
             fix="pass one (t, h, w) patch grid per image, as the image preprocessor returns it",
         )
     return grids

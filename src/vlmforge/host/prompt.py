@@ -41,7 +41,7 @@ def expand_image_tokens(
         raise InputError(
             f"the prompt has {len(places)} image placeholder(s) (token {image_token_id}) "
             f"but {len(tokens_per_image)} image(s) were given",
-            where="vlmforge.runtime.prompt.expand_image_tokens",
+            where="vlmforge.host.prompt.expand_image_tokens",
             fix="put one <|vision_start|><|image_pad|><|vision_end|> in the prompt per image, "
             "and pass ids before expansion (each placeholder a single token)",
         )
@@ -52,13 +52,13 @@ def expand_image_tokens(
             raise InputError(
                 f"image placeholder {i} (token index {pos}) does not follow a vision-start token "
                 f"({vision_start_token_id})",
-                where="vlmforge.runtime.prompt.expand_image_tokens",
+                where="vlmforge.host.prompt.expand_image_tokens",
                 fix="write each image as <|vision_start|><|image_pad|><|vision_end|> in the prompt",
             )
         if int(count) < 1:
             raise InputError(
                 f"image {i} would expand to {count} tokens",
-                where="vlmforge.runtime.prompt.expand_image_tokens",
+                where="vlmforge.host.prompt.expand_image_tokens",
                 fix="pass positive token counts (see image_token_counts)",
             )
         out.extend(ids[done:pos])

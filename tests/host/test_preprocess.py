@@ -10,7 +10,7 @@ from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlmforge.errors import InputError
-from vlmforge.runtime.preprocess import image_to_patches, load_image
+from vlmforge.host.preprocess import image_to_patches, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -98,6 +98,6 @@ def _check_size(size: int, patch_size: int, merge_size: int) -> None:
         below, above = max(factor, size // factor * factor), (size // factor + 1) * factor
         raise InputError(
             f"vision size {size} is not a positive multiple of patch_size*merge_size = {factor}",
-            where="vlmforge.runtime.preprocess.image_to_patches",
+            where="vlmforge.host.preprocess.image_to_patches",
             fix=f"use a multiple of {factor}, e.g. {below} or {above}",
         )
