@@ -448,9 +448,9 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("--checkpoint", help="the source checkpoint folder, if it moved since the build "
                                           "(default: the manifest's model.checkpoint)")
     val.set_defaults(func=cmd_validate)
-    f = sub.add_parser("fixture", help="write a tiny checkpoint (FAMILY) or a random-weight one at a public config "
-                                       "(qwen2_5_vl_3b, qwen3_vl_4b, ...), as a Hugging Face folder")
-    f.add_argument("family", metavar="NAME", help="qwen2_5_vl / qwen3_vl (tiny) or a recipes/model name")
+    f = sub.add_parser("fixture", help="write a family's tiny checkpoint, or a random-weight one at a public config "
+                                       "(a recipes/model name), as a Hugging Face folder")
+    f.add_argument("family", metavar="NAME", help="a family key (tiny fixture) or a public config (recipes/model/)")
     f.add_argument("out")
     f.add_argument("--layers", type=int, help="decoder layers (public configs; default: all)")
     f.add_argument("--vision-layers", type=int, help="ViT blocks (public configs; default: all)")

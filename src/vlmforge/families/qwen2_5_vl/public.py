@@ -81,6 +81,19 @@ CONFIGS: dict[str, dict] = {
 PUBLISHED_PARAMETERS = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9}
 
 
+# The hub tokenizer's added tokens (tokenizer_config.json `added_tokens_decoder`): id -> (text, special).
+ADDED_TOKENS = {
+    151643: ("<|endoftext|>", True), 151644: ("<|im_start|>", True), 151645: ("<|im_end|>", True),
+    151646: ("<|object_ref_start|>", True), 151647: ("<|object_ref_end|>", True), 151648: ("<|box_start|>", True),
+    151649: ("<|box_end|>", True), 151650: ("<|quad_start|>", True), 151651: ("<|quad_end|>", True),
+    151652: ("<|vision_start|>", True), 151653: ("<|vision_end|>", True), 151654: ("<|vision_pad|>", True),
+    151655: ("<|image_pad|>", True), 151656: ("<|video_pad|>", True), 151657: ("<tool_call>", False),
+    151658: ("</tool_call>", False), 151659: ("<|fim_prefix|>", False), 151660: ("<|fim_middle|>", False),
+    151661: ("<|fim_suffix|>", False), 151662: ("<|fim_pad|>", False), 151663: ("<|repo_name|>", False),
+    151664: ("<|file_sep|>", False),
+}
+
+
 def hub_tensor_name(name: str) -> str:
     """transformers 5's parameter name -> the name the hub checkpoints store (legacy, pre-5 layout)."""
     name = re.sub(r"^model\.language_model\.", "model.", name)

@@ -83,6 +83,20 @@ CONFIGS: dict[str, dict] = {
 PUBLISHED_PARAMETERS = {"qwen3_vl_2b": 2.13e9, "qwen3_vl_4b": 4.44e9, "qwen3_vl_8b": 8.77e9}
 
 
+# The hub tokenizer's added tokens (Qwen2's, plus Qwen3's tool-response and think tokens) (tokenizer_config.json `added_tokens_decoder`): id -> (text, special).
+ADDED_TOKENS = {
+    151643: ("<|endoftext|>", True), 151644: ("<|im_start|>", True), 151645: ("<|im_end|>", True),
+    151646: ("<|object_ref_start|>", True), 151647: ("<|object_ref_end|>", True), 151648: ("<|box_start|>", True),
+    151649: ("<|box_end|>", True), 151650: ("<|quad_start|>", True), 151651: ("<|quad_end|>", True),
+    151652: ("<|vision_start|>", True), 151653: ("<|vision_end|>", True), 151654: ("<|vision_pad|>", True),
+    151655: ("<|image_pad|>", True), 151656: ("<|video_pad|>", True), 151657: ("<tool_call>", False),
+    151658: ("</tool_call>", False), 151659: ("<|fim_prefix|>", False), 151660: ("<|fim_middle|>", False),
+    151661: ("<|fim_suffix|>", False), 151662: ("<|fim_pad|>", False), 151663: ("<|repo_name|>", False),
+    151664: ("<|file_sep|>", False), 151665: ("<tool_response>", False), 151666: ("</tool_response>", False),
+    151667: ("<think>", False), 151668: ("</think>", False),
+}
+
+
 def hub_tensor_name(name: str) -> str:
     """The hub checkpoints use transformers 5's names unchanged."""
     return name
