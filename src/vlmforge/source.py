@@ -270,14 +270,19 @@ REQUIRED_CONFIG_KEYS = ("text_config", "vision_config", "image_token_id", "visio
 PARAMETER_SLACK = 1.02  # the model may hold at most this much more than the checkpoint (buffers, rounding)
 
 
+# The Qwen2.5-VL hub files predate the nested layout: their text model's keys sit at the top level.
+FLAT_TEXT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def check_config_keys(config: dict, path: Path) -> None:
-    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    flat = "text_config" not in config and all(k in config for k in FLAT_TEXT_KEYS)
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config and not (flat and k == "text_config")]
     if missing:
         raise CheckpointError(
             f"config.json lacks {missing}: transformers would fill them with its defaults (a different, "
             "full-size model)", where=str(path / "config.json"),
             fix="use the config.json that came with the checkpoint (every Qwen-VL release has these keys)")
-    for k in ("text_config", "vision_config"):
+    for k in ("vision_config",) if flat else ("text_config", "vision_config"):
         if not isinstance(config[k], dict):
             raise CheckpointError(f"config.json: {k} is not an object", where=str(path / "config.json"),
                                   fix="use the config.json that came with the checkpoint")

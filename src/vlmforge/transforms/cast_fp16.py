@@ -12,12 +12,14 @@ The converter inserts the Casts around blocked nodes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 
 from vlmforge.exporters.onnx_export import save_model
-from vlmforge.transforms.graph import load_graph, topological_sort, upstream_nodes
+from vlmforge.transforms.external import external_tensors, load_structure, save_structure, stream_external
+from vlmforge.transforms.graph import topological_sort, upstream_nodes
 
 FP32_OPS = (
     "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div",
@@ -43,20 +45,31 @@ def rotary_nodes(model: onnx.ModelProto) -> set[str]:
 
 
 def cast_fp16(src: Path, dst: Path, *, fp16_io: bool = False) -> dict:
+    """Convert `src` to FP16 at `dst`. The converter (and its shape inference) only ever sees the graph
+    structure: external weights stay references and are streamed and cast afterwards (transforms.external),
+    so graphs of any size work and memory stays at one chunk of weights, not the model."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = load_graph(src)
+    model = load_structure(src)
+    external = {t.name: t.data_type for t in external_tensors(model)}
     blocked_nodes = sorted(rotary_nodes(model))
-    converted = convert_float_to_float16(
-        model,
-        keep_io_types=not fp16_io,
-        op_block_list=list(FP32_OPS),
-        node_block_list=blocked_nodes,
-        disable_shape_infer=False,
-    )
+    with _value_info_from_dims():
+        converted = convert_float_to_float16(
+            model,
+            keep_io_types=not fp16_io,
+            op_block_list=list(FP32_OPS),
+            node_block_list=blocked_nodes,
+            disable_shape_infer=False,
+        )
     _drop_duplicate_nodes(converted)
     topological_sort(converted)
-    save_model(converted, Path(dst))
+    if external:
+        cast = {t.name for t in external_tensors(converted)
+                if external.get(t.name) == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16}
+        stream_external(converted, Path(src), Path(dst), cast)
+        save_structure(converted, Path(dst))
+    else:
+        save_model(converted, Path(dst))
     kept = sorted({n.op_type for n in model.graph.node if n.op_type in FP32_OPS})
     return {
         "transform": "cast_fp16",
@@ -65,6 +78,22 @@ def cast_fp16(src: Path, dst: Path, *, fp16_io: bool = False) -> dict:
         "fp32_op_types_present": kept,
         "fp32_rotary_nodes": len(blocked_nodes),
     }
+
+
+@contextmanager
+def _value_info_from_dims():
+    """Scoped patch: onnxruntime 1.31's `float16.make_value_info_from_tensor` calls
+    `numpy_helper.to_array(tensor)` only to take the tensor's shape, which reads an external tensor's whole
+    data file (relative to the working directory, so it fails outright outside the graph's folder). The
+    shape is in `tensor.dims`; use that for the duration of one conversion."""
+    import onnxruntime.transformers.float16 as f16
+
+    original = f16.make_value_info_from_tensor
+    f16.make_value_info_from_tensor = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        f16.make_value_info_from_tensor = original
 
 
 def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
