@@ -52,7 +52,7 @@ def wait_for_log_line(log: Path, text: str, proc: subprocess.Popen, timeout_s: f
 
 def verified(directory: Path) -> bool:
     """What `vlmforge verify` says: a folder without a manifest is an ArtifactError, not a report."""
-    from vlmforge.errors import ArtifactError
+    from vlmforge.core.errors import ArtifactError
 
     try:
         return verify_dir(directory).ok

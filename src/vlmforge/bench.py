@@ -79,7 +79,7 @@ def source_family(source: Path):
     archs = json.loads((Path(source) / "config.json").read_text()).get("architectures") or []
     family = next((f for a in archs if (f := family_for_architecture(a))), None)
     if family is None:
-        from vlmforge.errors import CheckpointError
+        from vlmforge.core.errors import CheckpointError
 
         raise CheckpointError(f"no registered family has architecture {archs}", where=f"{source}/config.json",
                               fix="bench a checkpoint of a family listed in vlmforge/families/__init__.py")

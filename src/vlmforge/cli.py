@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.errors import RecipeError, VlmforgeError, from_os_error
+from vlmforge.core.errors import RecipeError, VlmforgeError, from_os_error
 
 log = logging.getLogger("vlmforge")
 

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge.cache import owner_tag, remove_stale
-from vlmforge.errors import ArtifactError, from_os_error
+from vlmforge.core.errors import ArtifactError, from_os_error
+from vlmforge.core.hashing import sha256_file
+from vlmforge.core.paths import confine, is_safe_relative, open_regular, scan_tree
 from vlmforge.manifest import MANIFEST, MAX_MANIFEST_BYTES, RELEASE_FILES, VerifyReport, read_manifest, verify_dir
-from vlmforge.paths import confine, is_safe_relative, open_regular, scan_tree
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +180,6 @@ def _write_text(path: Path, text: str) -> None:
     os.chmod(path, 0o644)
 
 
-def _file_sha256(path: Path) -> str:
-    from vlmforge.paths import sha256_file
-
-    return sha256_file(path)
-
-
 def _release_files(folder: Path) -> list[str]:
     """Relative posix paths of every regular file under `folder` but SHA256SUMS, sorted."""
     files, odd = scan_tree(folder)
@@ -200,7 +195,7 @@ def _release_files(folder: Path) -> list[str]:
 
 def sha256sums(folder: Path) -> str:
     """`sha256sum`-format text (`<hex>  <path>`, sorted) covering every file in `folder` but SHA256SUMS."""
-    return "".join(f"{_file_sha256(folder / rel)}  {rel}\n" for rel in _release_files(folder))
+    return "".join(f"{sha256_file(folder / rel)}  {rel}\n" for rel in _release_files(folder))
 
 
 # -- model card ---------------------------------------------------------------------------------------------------------
@@ -502,7 +497,7 @@ def verify_release(path: Path) -> ReleaseReport:
         elif rel in manifest["files"] and rel not in mreport.missing:
             if want != manifest["files"][rel]["sha256"] or rel in mreport.changed:
                 report.sums_changed.append(rel)
-        elif _file_sha256(path / rel) != want:
+        elif sha256_file(path / rel) != want:
             report.sums_changed.append(rel)
     return report
 
@@ -580,7 +575,7 @@ def cmd_publish(args) -> int:
     print(f"published {release}")
     if not args.no_tarball:
         tar = tarball_path(release)
-        print(f"tarball   {tar} (sha256 {_file_sha256(tar)})")
+        print(f"tarball   {tar} (sha256 {sha256_file(tar)})")
     return 0
 
 

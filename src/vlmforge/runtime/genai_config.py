@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from vlmforge.core.contracts import KVLayout
-from vlmforge.errors import ContractError
+from vlmforge.core.errors import ContractError
 from vlmforge.host.tokens import eos_ids, pad_id
 
 GENAI_CONFIG = "genai_config.json"

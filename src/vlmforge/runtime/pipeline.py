@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from vlmforge.core.contracts import StageContract
-from vlmforge.errors import ArtifactError, InputError
+from vlmforge.core.errors import ArtifactError, InputError
 from vlmforge.host import prompt as P
 from vlmforge.manifest import MANIFEST, RELEASE_FILES, check_verified
-from vlmforge.paths import confine
+from vlmforge.core.paths import confine
 from vlmforge.runtime.engine import Engine, KVLayout
 from vlmforge.runtime.genai_config import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.runtime.kv import MODES, device_of
@@ -47,7 +47,7 @@ __all__ = ["Chat", "GenerationStats", "Pipeline", "SamplingParams", "verify_arti
 
 # -- artifact verification ----------------------------------------------------------------------------
 def resolve_inside(directory: Path, rel: str) -> Path:
-    """`directory/rel`, confined to the artifact set (vlmforge.paths.confine)."""
+    """`directory/rel`, confined to the artifact set (vlmforge.core.paths.confine)."""
     return confine(directory, rel, where=str(Path(directory) / MANIFEST))
 
 
