@@ -61,7 +61,7 @@ def test_the_runtime_and_the_registry_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, vlmforge.registry, vlmforge.manifest, vlmforge.runtime.pipeline, vlmforge.source; "
+    code = ("import sys, vlmforge.registry, vlmforge.artifact.manifest, vlmforge.runtime.pipeline, vlmforge.source; "
             "print(sorted(m for m in ('torch', 'transformers', 'onnxscript') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vlmforge.core.errors import ArtifactError
-from vlmforge.manifest import read_manifest, write_manifest
+from vlmforge.artifact.manifest import read_manifest, write_manifest
 from vlmforge.publish import (SUMS, model_card, parse_sha256sums, publish, push_to_hub, safe_extract, tarball_path,
                               verify_release)
 

@@ -30,10 +30,10 @@ from vlmforge.config import BuildConfig, resolve_image_size, to_dict
 from vlmforge.core.errors import CheckpointError, RecipeError, ValidationFailed, VlmforgeError, as_os_error, from_os_error
 from vlmforge.core.hashing import sha256_file
 from vlmforge.core.paths import check_name, make_dir
-from vlmforge.manifest import MANIFEST, hash_files, toolchain, validate_manifest, write_manifest
+from vlmforge.artifact.manifest import MANIFEST, hash_files, toolchain, validate_manifest, write_manifest
 from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
-from vlmforge.runtime.genai_config import write_runtime_configs
+from vlmforge.artifact.runtime_configs import write_runtime_configs
 from vlmforge.host.image import image_params
 from vlmforge.source import TOKENIZER_FILES, check_model_size, checkpoint_file, load_model, open_source
 from vlmforge.validators.results import CheckResult

@@ -375,7 +375,7 @@ def matrix_table(rows: list[dict]) -> str:
 
 
 def cmd_verify(args) -> int:
-    from vlmforge.manifest import verify_dir
+    from vlmforge.artifact.manifest import verify_dir
     from vlmforge.publish import cmd_verify_release, is_release
 
     if is_release(Path(args.directory)):  # a release folder (SHA256SUMS) or tarball from `vlmforge publish`

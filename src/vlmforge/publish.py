@@ -30,7 +30,7 @@ from vlmforge.cache import owner_tag, remove_stale
 from vlmforge.core.errors import ArtifactError, from_os_error
 from vlmforge.core.hashing import sha256_file
 from vlmforge.core.paths import confine, is_safe_relative, open_regular, scan_tree
-from vlmforge.manifest import MANIFEST, MAX_MANIFEST_BYTES, RELEASE_FILES, VerifyReport, read_manifest, verify_dir
+from vlmforge.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, RELEASE_FILES, VerifyReport, read_manifest, verify_dir
 
 log = logging.getLogger(__name__)
 

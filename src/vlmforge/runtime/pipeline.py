@@ -30,10 +30,10 @@ import numpy as np
 from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import ArtifactError, InputError
 from vlmforge.host import prompt as P
-from vlmforge.manifest import MANIFEST, RELEASE_FILES, check_verified
+from vlmforge.artifact.manifest import MANIFEST, RELEASE_FILES, check_verified
 from vlmforge.core.paths import confine
 from vlmforge.runtime.engine import Engine, KVLayout
-from vlmforge.runtime.genai_config import GENAI_CONFIG, RUNTIME_CONFIG
+from vlmforge.artifact.runtime_configs import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.runtime.kv import MODES, device_of
 from vlmforge.runtime.loop import GenerationStats, PromptInputs, TokenIds, decode_steps, prefill
 from vlmforge.host.preprocess import image_to_patches, load_image
