@@ -376,7 +376,8 @@ def matrix_table(rows: list[dict]) -> str:
 
 def cmd_verify(args) -> int:
     from vlmforge.artifact.manifest import verify_dir
-    from vlmforge.publish import cmd_verify_release, is_release
+    from vlmforge.release.commands import cmd_verify_release
+    from vlmforge.release.verify import is_release
 
     if is_release(Path(args.directory)):  # a release folder (SHA256SUMS) or tarball from `vlmforge publish`
         return cmd_verify_release(Path(args.directory))
@@ -436,7 +437,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("family")
     f.add_argument("out")
     f.set_defaults(func=cmd_fixture)
-    from vlmforge.publish import add_parsers as add_publish_parsers
+    from vlmforge.release.commands import add_parsers as add_publish_parsers
     from vlmforge.runtime.commands import register
 
     add_publish_parsers(sub)
