@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from vlmforge.source import fixture_dir
-from vlmforge.manifest import read_manifest, schema, verify_dir
+from vlmforge.artifact.manifest import read_manifest, schema, verify_dir
 
 REPO_SCRIPTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import RECIPES, compose
 from vlmforge import cache as C
-from vlmforge.manifest import verify_dir
+from vlmforge.artifact.manifest import verify_dir
 from vlmforge.progress import Progress
 from vlmforge.source import resolve_checkpoint
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 from vlmforge.families.qwen2_5_vl import fixture as qwen2_5_vl_fixture
 from vlmforge.families.qwen3_vl import fixture as qwen3_vl_fixture
 from vlmforge.fixtures import tokens as T

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from vlmforge.errors import ArtifactError
+from vlmforge.core.errors import ArtifactError
 from vlmforge.transforms.cast_fp16 import cast_fp16
 from vlmforge.transforms.graph import load_graph
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import RECIPES
 from vlmforge.cli import main
-from vlmforge.manifest import verify_dir
+from vlmforge.artifact.manifest import verify_dir
 
 RAY_RUN_TIMEOUT_S = 240  # one run: Ray start ~7 s, a worker's imports ~10 s, a tiny cell ~10 s (on 2 busy cores)
 
@@ -52,7 +52,7 @@ def wait_for_log_line(log: Path, text: str, proc: subprocess.Popen, timeout_s: f
 
 def verified(directory: Path) -> bool:
     """What `vlmforge verify` says: a folder without a manifest is an ArtifactError, not a report."""
-    from vlmforge.errors import ArtifactError
+    from vlmforge.core.errors import ArtifactError
 
     try:
         return verify_dir(directory).ok

@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import RECIPES
 from vlmforge.cli import main, plan_matrix
-from vlmforge.manifest import verify_dir
+from vlmforge.artifact.manifest import verify_dir
 
 # recipes/hydra/launcher/*.yaml must fit the launcher each one names: slurm.yaml is vlmforge's subclass of
 # hydra-submitit-launcher 1.2.0's SlurmLauncher (its SlurmQueueConf fields + two of vlmforge's own); ray.yaml is

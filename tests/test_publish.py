@@ -1,4 +1,4 @@
-"""vlmforge.publish: release folder + SHA256SUMS + model card + deterministic tarball; verify_release; hub errors.
+"""vlmforge.release: release folder + SHA256SUMS + model card + deterministic tarball; verify_release; hub errors.
 
 All tests reuse the session build `qwen25_392` and one module-scoped release; nothing is mocked.
 """
@@ -15,10 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from vlmforge.errors import ArtifactError
-from vlmforge.manifest import read_manifest, write_manifest
-from vlmforge.publish import (SUMS, model_card, parse_sha256sums, publish, push_to_hub, safe_extract, tarball_path,
-                              verify_release)
+import vlmforge
+from vlmforge.core.errors import ArtifactError
+from vlmforge.artifact.manifest import read_manifest, write_manifest
+from vlmforge.release.card import model_card
+from vlmforge.release.files import SUMS, tarball_path
+from vlmforge.release.hub import push_to_hub
+from vlmforge.release.publish import publish
+from vlmforge.release.tarball import safe_extract
+from vlmforge.release.verify import parse_sha256sums, verify_release
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +135,7 @@ def test_publish_refuses_dir_without_manifest(qwen25_392, tmp_path):
 _CHILD = """
 import resource, signal, sys
 from pathlib import Path
-from vlmforge.publish import publish
+from vlmforge.release.publish import publish
 # Python starts with SIGXFSZ ignored: a write past the limit fails with EFBIG -> exception -> clean-up runs.
 # With the default action the kernel kills the process mid-write, as a crash or power cut would: no clean-up.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[3] == "error" else signal.SIG_DFL)
@@ -143,7 +148,9 @@ publish(Path(sys.argv[1]), Path(sys.argv[2]))
 def test_interrupted_publish_leaves_nothing_that_looks_complete(qwen25_392, tmp_path, how):
     pytest.importorskip("resource")
     to = tmp_path / "out" / "rel"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
+    # the child imports the vlmforge this test imported (a checkout run with PYTHONPATH=src, not the venv's)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(vlmforge.__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(qwen25_392.directory), str(to), how],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0, proc.stdout + proc.stderr

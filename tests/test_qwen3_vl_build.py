@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from vlmforge.source import fixture_dir
-from vlmforge.manifest import read_manifest, verify_dir
+from vlmforge.artifact.manifest import read_manifest, verify_dir
 from tests.conftest import REPO
 from tests.test_cli_errors import assert_clean_failure, run_cli
 

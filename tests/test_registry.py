@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import RECIPES
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.families import FAMILY_MODULES
 from vlmforge.registry import STAGES, RegistryError, StageSpec, families, get_family, load_families
 

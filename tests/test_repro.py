@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from vlmforge.errors import ArtifactError
+from vlmforge.core.errors import ArtifactError
 from vlmforge.repro import (DEBUG_METADATA_PREFIXES, compare_dirs, json_diff, main, normalize_model,
                             recorded_recipe)
 

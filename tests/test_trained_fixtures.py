@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmforge.errors import CheckpointError, InputError
+from vlmforge.core.errors import CheckpointError, InputError
 from vlmforge.fixtures import task
 from vlmforge.fixtures import tokens as T
 from vlmforge.fixtures.checkpoint import file_digests

@@ -79,7 +79,7 @@ def source_family(source: Path):
     archs = json.loads((Path(source) / "config.json").read_text()).get("architectures") or []
     family = next((f for a in archs if (f := family_for_architecture(a))), None)
     if family is None:
-        from vlmforge.errors import CheckpointError
+        from vlmforge.core.errors import CheckpointError
 
         raise CheckpointError(f"no registered family has architecture {archs}", where=f"{source}/config.json",
                               fix="bench a checkpoint of a family listed in vlmforge/families/__init__.py")
@@ -236,7 +236,7 @@ def bench_vision(directory: Path, source: Path, image: str, repeats: int) -> dic
     best of `repeats` each, and the largest difference between their features."""
     import torch
 
-    from vlmforge.manifest import read_manifest
+    from vlmforge.artifact.manifest import read_manifest
     from vlmforge.runtime.engine import Graph
     from vlmforge.host.preprocess import load_image
 
@@ -587,7 +587,7 @@ def bench_model(directory: Path, source: Path, image: str, *, precision: str, to
     variants) and each variant's share of the bandwidth limit: the time to read the bytes a step must
     read (decoder weights + KV cache), measured in the same round robin, over the step's time. The
     best-of read bandwidth in `bandwidths` (re-measured here) gives a second, load-sensitive share."""
-    from vlmforge.manifest import read_manifest
+    from vlmforge.artifact.manifest import read_manifest
 
     manifest = read_manifest(directory)
     size = manifest["components"]["vision"]["image_size"]

@@ -27,13 +27,14 @@ from vlmforge import __version__
 from vlmforge.cache import (STAGE_READS, Entry, StageCache, digest, export_inputs, owner_tag, remove_stale, source_inputs,
                             transform_inputs, validation_inputs)
 from vlmforge.config import BuildConfig, resolve_image_size, to_dict
-from vlmforge.errors import CheckpointError, RecipeError, ValidationFailed, VlmforgeError, as_os_error, from_os_error
-from vlmforge.manifest import MANIFEST, hash_files, toolchain, validate_manifest, write_manifest
+from vlmforge.core.errors import CheckpointError, RecipeError, ValidationFailed, VlmforgeError, as_os_error, from_os_error
+from vlmforge.core.hashing import sha256_file
+from vlmforge.core.paths import check_name, make_dir
+from vlmforge.artifact.manifest import MANIFEST, hash_files, toolchain, validate_manifest, write_manifest
 from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
-from vlmforge.runtime.genai_config import write_runtime_configs
+from vlmforge.artifact.runtime_configs import write_runtime_configs
 from vlmforge.host.image import image_params
-from vlmforge.paths import check_name, make_dir
 from vlmforge.source import TOKENIZER_FILES, check_model_size, checkpoint_file, load_model, open_source
 from vlmforge.validators.results import CheckResult
 
@@ -459,8 +460,6 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
 
 def source_config_sha256(path: Path) -> str:
     """sha256 of the checkpoint's config.json: `validate` tells a changed config from changed artifacts."""
-    from vlmforge.paths import sha256_file
-
     return sha256_file(checkpoint_file(path, "config.json", "checkpoint config.json"))
 
 

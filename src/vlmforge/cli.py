@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.errors import RecipeError, VlmforgeError, from_os_error
+from vlmforge.core.errors import RecipeError, VlmforgeError, from_os_error
 
 log = logging.getLogger("vlmforge")
 
@@ -375,8 +375,9 @@ def matrix_table(rows: list[dict]) -> str:
 
 
 def cmd_verify(args) -> int:
-    from vlmforge.manifest import verify_dir
-    from vlmforge.publish import cmd_verify_release, is_release
+    from vlmforge.artifact.manifest import verify_dir
+    from vlmforge.release.commands import cmd_verify_release
+    from vlmforge.release.verify import is_release
 
     if is_release(Path(args.directory)):  # a release folder (SHA256SUMS) or tarball from `vlmforge publish`
         return cmd_verify_release(Path(args.directory))
@@ -460,7 +461,7 @@ def parser() -> argparse.ArgumentParser:
                    help="config.json rotary keys: rope_scaling + rope_theta as the hub files (default), "
                         "or transformers 5's rope_parameters")
     f.set_defaults(func=cmd_fixture)
-    from vlmforge.publish import add_parsers as add_publish_parsers
+    from vlmforge.release.commands import add_parsers as add_publish_parsers
     from vlmforge.runtime.commands import register
 
     add_publish_parsers(sub)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 
 PRECISIONS = ("fp32", "fp16", "int4")
 

@@ -16,7 +16,7 @@ import importlib
 import inspect
 from typing import Iterable
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.families import FAMILY_MODULES
 from vlmforge.families.spec import STAGES, FamilySpec, StageSpec
 

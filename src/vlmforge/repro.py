@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge.core.hashing import sha256_file
-from vlmforge.errors import ArtifactError, ExportError, VlmforgeError
+from vlmforge.core.errors import ArtifactError, ExportError, VlmforgeError
 from vlmforge.exporters.onnx_export import DEBUG_METADATA_PREFIXES, normalize_model  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)

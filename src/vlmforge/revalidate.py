@@ -7,8 +7,8 @@ from pathlib import Path
 from vlmforge.build import source_config_sha256, validation_images
 from vlmforge.config import from_omegaconf
 from vlmforge.core.contracts import StageContract
-from vlmforge.errors import CheckpointError
-from vlmforge.manifest import check_verified
+from vlmforge.core.errors import CheckpointError
+from vlmforge.artifact.manifest import check_verified
 from vlmforge.source import load_model, open_source
 from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge.core.hashing import sha256_file
-from vlmforge.errors import CheckpointError
-from vlmforge.paths import confine
+from vlmforge.core.errors import CheckpointError
+from vlmforge.core.paths import confine
 from vlmforge.registry import FamilySpec, family_for_architecture, get_family
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vlmforge.core.contracts import KVLayout, StageContract, TensorSpec
-from vlmforge.errors import ArtifactError, ContractError
+from vlmforge.core.errors import ArtifactError, ContractError
 from vlmforge.exporters.decoder import decoder_contract
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 from transformers.processing_utils import ProcessorMixin
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 from vlmforge.families.qwen2_5_vl.fixture import tiny_config as qwen2_5_vl_config
 from vlmforge.families.qwen3_vl.fixture import tiny_config as qwen3_vl_config
 from vlmforge.fixtures import tokens as T

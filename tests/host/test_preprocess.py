@@ -9,7 +9,7 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 from vlmforge.host.preprocess import image_to_patches, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -9,7 +9,7 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 from vlmforge.fixtures import tokens as T
 from vlmforge.host.prompt import expand_image_tokens, image_token_counts, mm_token_type_ids
 

@@ -142,7 +142,7 @@ def test_export_follows_hf_cache_snapshot_links_into_blobs(capsys, work_dirs, tm
         (snap / p.name).symlink_to(Path("..", "..", "blobs", blob.name))
     code, outp, err = export(capsys, work_dirs, tmp_path / "o", "validate=off", f"model.checkpoint={snap}")
     assert code == 0, err
-    from vlmforge.manifest import verify_dir
+    from vlmforge.artifact.manifest import verify_dir
 
     assert verify_dir(tmp_path / "o" / "tiny-qwen2_5_vl" / "fp32-392").files_ok  # validate=off: no checks
 

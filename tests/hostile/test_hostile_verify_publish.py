@@ -29,7 +29,7 @@ def art(qwen25_392, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def release(qwen25_392, tmp_path_factory) -> Path:
-    from vlmforge.publish import publish
+    from vlmforge.release.publish import publish
 
     return publish(qwen25_392.directory, tmp_path_factory.mktemp("rel") / "rel")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmforge.errors import ArtifactError, InputError
+from vlmforge.core.errors import ArtifactError, InputError
 from vlmforge.fixtures.images import sample_image
 from vlmforge.runtime.loop import PromptInputs, generate_tokens, greedy, prefill
 from vlmforge.runtime.pipeline import Pipeline, SamplingParams, TextStream

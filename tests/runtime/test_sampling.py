@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 from vlmforge.families.qwen2_5_vl.fixture import tiny_config
 from vlmforge.runtime.sampling import process_logits, sample_next
 

@@ -1,2 +1,2 @@
-"""The bottom layer: contracts (with the one KV layout), hashing and the module graph. Imports nothing of
-vlmforge but `vlmforge.errors` (which moves here with the modules that still import it by that name)."""
+"""The bottom layer: errors, paths (confinement, O_NOFOLLOW reads), hashing (the one file hash), contracts
+(with the one KV layout) and the module graph. Imports nothing of vlmforge outside `vlmforge.core`."""

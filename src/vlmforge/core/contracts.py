@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from vlmforge.errors import ContractError
+from vlmforge.core.errors import ContractError
 
 Dim = Union[int, str]
 

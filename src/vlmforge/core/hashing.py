@@ -1,6 +1,10 @@
-"""sha256 of a file: one definition for the stage cache, the manifest, the fixtures and the repro check.
+"""sha256 of a file: one definition for the stage cache, the manifest, the fixtures, the repro check and the
+release (SHA256SUMS, the tarball digest).
 
-Streams in 1 MiB blocks, so a multi-GB external-data file is hashed without being read into memory.
+Streams in 1 MiB blocks, so a multi-GB external-data file is hashed without being read into memory. Opens
+with O_NOFOLLOW (`core.paths.open_regular`): a symlink at the last component, or anything but a regular file,
+is refused, never followed. Callers hashing files a checkpoint may hold as links (an HF cache snapshot) pass
+the resolved path.
 """
 
 from __future__ import annotations
@@ -8,13 +12,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from vlmforge.core.errors import ArtifactError, VlmforgeError
+from vlmforge.core.paths import open_regular
+
 CHUNK = 1 << 20
 
 
-def sha256_file(path: Path, chunk: int = CHUNK) -> str:
-    """Hex sha256 of the bytes of `path`."""
+def sha256_file(path: Path, chunk: int = CHUNK, error: type[VlmforgeError] = ArtifactError) -> str:
+    """Hex sha256 of the bytes of the regular file `path` (a symlinked last component is refused)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(Path(path), error=error) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

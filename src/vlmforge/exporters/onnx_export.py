@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import onnx
 import torch
 
-from vlmforge.errors import ExportError, as_os_error, from_os_error
+from vlmforge.core.errors import ExportError, as_os_error, from_os_error
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 
 
 def get(cfg: Any, key: str, *default: Any) -> Any:

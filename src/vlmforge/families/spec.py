@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 
 STAGES = ("vision", "embedding", "decoder")
 

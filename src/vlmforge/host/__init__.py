@@ -1,3 +1,3 @@
 """Host-side facts and arithmetic shared by the build, the validators, the fixtures and the runtime:
 3-D positions (mrope), prompt expansion (prompt), image preprocessing (preprocess, image), token ids (tokens).
-numpy / PIL only; imports nothing of vlmforge but `vlmforge.errors`."""
+numpy / PIL only; imports nothing of vlmforge but `vlmforge.core.errors`."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 
 __all__ = ["decode_position_ids", "rope_index"]
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 
 __all__ = ["expand_image_tokens", "image_token_counts", "mm_token_type_ids"]
 

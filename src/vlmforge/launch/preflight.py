@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.launch.resources import GB, cell_resources
 
 log = logging.getLogger("vlmforge.launch")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.launch.resources import GB, CellResources
 
 log = logging.getLogger("vlmforge.launch")

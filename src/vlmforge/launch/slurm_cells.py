@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 
 TIMEOUT_S = 20
 FIX_CLUSTER = ("start the one-node cluster (sudo scripts/slurm_local.sh up), or run on a submit host of your cluster "

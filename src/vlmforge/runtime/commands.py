@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from vlmforge.errors import VlmforgeError
+from vlmforge.core.errors import VlmforgeError
 
 CHAT_HELP = "commands: /image PATH (attach to the next message), /reset, /quit; Ctrl-C stops a reply"
 

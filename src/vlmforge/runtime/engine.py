@@ -66,7 +66,7 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int = 
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...): one answer
-        from vlmforge.errors import ArtifactError
+        from vlmforge.core.errors import ArtifactError
 
         raise ArtifactError(f"onnxruntime cannot load {Path(path).name}: {type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:300]}", where=str(path),

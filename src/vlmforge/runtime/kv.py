@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 from vlmforge.runtime.engine import embedding_feeds
 from vlmforge.runtime.hostbind import HostBinding
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from vlmforge.core.contracts import StageContract
-from vlmforge.errors import ArtifactError, InputError
+from vlmforge.core.errors import ArtifactError, InputError
 from vlmforge.host import prompt as P
-from vlmforge.manifest import MANIFEST, RELEASE_FILES, check_verified
-from vlmforge.paths import confine
+from vlmforge.artifact.manifest import MANIFEST, RELEASE_FILES, check_verified
+from vlmforge.core.paths import confine
 from vlmforge.runtime.engine import Engine, KVLayout
-from vlmforge.runtime.genai_config import GENAI_CONFIG, RUNTIME_CONFIG
+from vlmforge.artifact.runtime_configs import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.runtime.kv import MODES, device_of
 from vlmforge.runtime.loop import GenerationStats, PromptInputs, TokenIds, decode_steps, prefill
 from vlmforge.host.preprocess import image_to_patches, load_image
@@ -47,7 +47,7 @@ __all__ = ["Chat", "GenerationStats", "Pipeline", "SamplingParams", "verify_arti
 
 # -- artifact verification ----------------------------------------------------------------------------
 def resolve_inside(directory: Path, rel: str) -> Path:
-    """`directory/rel`, confined to the artifact set (vlmforge.paths.confine)."""
+    """`directory/rel`, confined to the artifact set (vlmforge.core.paths.confine)."""
     return confine(directory, rel, where=str(Path(directory) / MANIFEST))
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlmforge.errors import InputError
+from vlmforge.core.errors import InputError
 
 __all__ = ["apply_repetition_penalty", "process_logits", "sample_next", "top_k_filter", "top_p_filter"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from vlmforge.errors import ArtifactError
+from vlmforge.core.errors import ArtifactError
 
 _FIX = "the FP32 stage in the build cache is damaged: rebuild it with FORCE=1 (or `make clean`)"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.exporters.onnx_export import save_model
 from vlmforge.transforms.graph import initializer_shapes, load_graph, weight_matmuls
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmforge.core.contracts import KVLayout, StageContract
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
 from vlmforge.host.image import ImageParams

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from vlmforge.errors import RecipeError
+from vlmforge.core.errors import RecipeError
 from vlmforge.families.qwen2_5_vl import dims
 from vlmforge.families.qwen2_5_vl import vision as V
 from vlmforge.families.qwen2_5_vl.fixture import tiny_config

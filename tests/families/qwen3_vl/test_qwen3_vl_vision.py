@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmforge.errors import CheckpointError, RecipeError
+from vlmforge.core.errors import CheckpointError, RecipeError
 from vlmforge.families.qwen3_vl import dims
 from vlmforge.families.qwen3_vl import vision as V
 from vlmforge.families.qwen3_vl.fixture import tiny_config

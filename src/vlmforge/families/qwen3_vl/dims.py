@@ -21,7 +21,7 @@ from vlmforge.families.grid import (  # noqa: F401  (the grid math is shared; re
     tokens_per_image,
 )
 from vlmforge.families.grid import check_multiple
-from vlmforge.errors import CheckpointError
+from vlmforge.core.errors import CheckpointError
 
 PATCH_SIZE = 16
 SPATIAL_MERGE_SIZE = 2

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from vlmforge.core.contracts import KVLayout
-from vlmforge.errors import ContractError
+from vlmforge.core.errors import ContractError
 from vlmforge.host.tokens import eos_ids, pad_id
 
 GENAI_CONFIG = "genai_config.json"
@@ -179,7 +179,7 @@ def processor_config(family_key: str, genai_type: str, params) -> dict:
 
 
 def _kv_dims(dec) -> dict:
-    layout = KVLayout.from_contract(dec, where="decoder contract (vlmforge.runtime.genai_config)")
+    layout = KVLayout.from_contract(dec, where="decoder contract (vlmforge.artifact.runtime_configs)")
     return {"num_layers": layout.num_layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim}
 
 
@@ -188,7 +188,7 @@ def _need(contract, side: str, name: str) -> str:
     if name not in names:
         raise ContractError(
             f"{contract.stage} contract has no {side[:-1]} {name!r} (it has {names})",
-            where=f"{contract.stage} contract (vlmforge.runtime.genai_config)",
+            where=f"{contract.stage} contract (vlmforge.artifact.runtime_configs)",
             fix="onnxruntime-genai binds graph I/O by these names; keep the onnxruntime-genai naming in the contract",
         )
     return name

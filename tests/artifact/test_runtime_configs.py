@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vlmforge.fixtures.images import sample_image
-from vlmforge.runtime.genai_config import GENAI_CONFIG, PROCESSOR_CONFIG, RUNTIME_CONFIG, write_runtime_configs
+from vlmforge.artifact.runtime_configs import GENAI_CONFIG, PROCESSOR_CONFIG, RUNTIME_CONFIG, write_runtime_configs
 from vlmforge.host.preprocess import image_to_patches, load_image
 
 og = pytest.importorskip("onnxruntime_genai")

@@ -18,19 +18,17 @@ The rules (what a security reviewer of tar or pip expects):
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import stat
 from pathlib import Path, PurePosixPath
 
-from vlmforge.errors import ArtifactError, VlmforgeError
+from vlmforge.core.errors import ArtifactError, VlmforgeError
 
 COMPONENT = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}"
 RELATIVE_PATH = re.compile(rf"^{COMPONENT}(/{COMPONENT})*$")  # also the manifest schema's pattern for files keys
 NAME = re.compile(rf"^{COMPONENT}$")
 MAX_PATH = 1024
-_CHUNK = 1 << 20
 
 
 def is_safe_relative(rel) -> bool:
@@ -93,15 +91,6 @@ def open_regular(path: Path, where: str = "", error: type[VlmforgeError] = Artif
     return os.fdopen(fd, "rb")
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a regular file, read without following a symlink at its last component."""
-    h = hashlib.sha256()
-    with open_regular(Path(path)) as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def scan_tree(root: Path) -> tuple[list[str], list[str]]:
     """(regular files, everything else that is not a folder) under `root`, as sorted relative posix paths.
 
@@ -123,7 +112,7 @@ def scan_tree(root: Path) -> tuple[list[str], list[str]]:
 
 def make_dir(path: Path, what: str, key: str) -> Path:
     """mkdir -p, with one clear error when a file is in the way or the file system refuses."""
-    from vlmforge.errors import from_os_error
+    from vlmforge.core.errors import from_os_error
 
     try:
         Path(path).mkdir(parents=True, exist_ok=True)

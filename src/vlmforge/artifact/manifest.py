@@ -17,8 +17,9 @@ from pathlib import Path
 import jsonschema
 
 from vlmforge import __version__
-from vlmforge.errors import ArtifactError
-from vlmforge.paths import check_relative, confine, open_regular, scan_tree, sha256_file
+from vlmforge.core.errors import ArtifactError
+from vlmforge.core.hashing import sha256_file
+from vlmforge.core.paths import check_relative, confine, open_regular, scan_tree
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
