@@ -100,7 +100,7 @@ def test_cast_fp16_streams_external_weights_and_matches_the_in_memory_conversion
 
 
 def test_cast_fp16_reads_hardlinked_stage_files_and_refuses_data_outside_the_folder(external_graph, tmp_path):
-    from vlmforge.errors import ArtifactError
+    from vlmforge.core.errors import ArtifactError
     from vlmforge.transforms.cast_fp16 import cast_fp16
 
     linked = tmp_path / "linked"

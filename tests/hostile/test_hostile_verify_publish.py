@@ -233,3 +233,11 @@ def test_rehashed_set_with_an_unlisted_link_still_fails(capsys, art, sentinel):
     (art / "notes").symlink_to(sentinel.secret)
     rehash(art)
     assert cli(capsys, "verify", str(art))[0] == 1
+
+
+def test_verify_says_a_set_built_without_validation_is_not_validated(capsys, art):
+    m = manifest(art)
+    m["validation"] = {"passed": False, "checks": []}
+    write_manifest(art, m)
+    code, out, _ = cli(capsys, "verify", str(art))
+    assert code == 1 and "no validation (built with validate=off)" in out and "failed validation" not in out

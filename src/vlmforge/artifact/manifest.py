@@ -157,7 +157,9 @@ class VerifyReport:
         out += [f"not listed in manifest: {p}" for p in self.unlisted]
         out += [f"link or special file (not read): {p}" for p in self.links]
         if not self.validation_passed:
-            out.append("manifest records failed validation checks")
+            checks = self.manifest.get("validation", {}).get("checks") if self.manifest else None
+            out.append("manifest records failed validation checks" if checks else
+                       "manifest records no validation (built with validate=off): not a validated set")
         return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from vlmforge.errors import ArtifactError
+from vlmforge.core.errors import ArtifactError
 
 CHUNK_BYTES = 64 << 20
 ALIGN = 4096  # tensors of 1 MiB and more start on a page boundary (mmap-friendly)

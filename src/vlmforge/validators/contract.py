@@ -75,7 +75,7 @@ _FOUR_BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, getattr(onnx.TensorP
 def external_data_problems(path: Path, model: onnx.ModelProto) -> list[str]:
     """One line per external tensor whose data file is not a plain file beside the graph, or whose byte
     range is not inside that file, or whose length is not what its dtype and dims need."""
-    from vlmforge.errors import ArtifactError
+    from vlmforge.core.errors import ArtifactError
     from vlmforge.transforms.external import external_file, external_tensors
 
     problems = []
