@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge.core.hashing import sha256_file
+from vlmforge.core.env import hub_offline
 from vlmforge.core.errors import CheckpointError
 from vlmforge.core.paths import confine
 from vlmforge.registry import FamilySpec, family_for_architecture, get_family
@@ -129,8 +130,9 @@ def _download(repo_id: str, revision: str | None, where: str) -> Path:
         f"on a machine with hub access run `hf download {repo_id} --local-dir /models/{repo_id.split('/')[-1]}`, "
         f"copy the folder here and set model.checkpoint=/models/{repo_id.split('/')[-1]}"
     )
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise CheckpointError(f"checkpoint {repo_id!r} is a hub id but HF_HUB_OFFLINE=1", where=where, fix=fix)
+    if hub_offline():
+        raise CheckpointError(f"checkpoint {repo_id!r} is a hub id but HF_HUB_OFFLINE is set (offline mode)",
+                              where=where, fix=fix)
     try:
         from huggingface_hub import snapshot_download
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from vlmforge.core.env import hub_offline
 from vlmforge.core.errors import ArtifactError
 from vlmforge.release.verify import verify_release
 
 log = logging.getLogger(__name__)
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _hub_fix(repo: str) -> str:
@@ -22,7 +18,7 @@ def _hub_fix(repo: str) -> str:
 
 
 def check_hub_reachable(repo: str) -> None:
-    if _hub_offline():
+    if hub_offline():
         raise ArtifactError(f"cannot push to the hub repo {repo!r}: HF_HUB_OFFLINE is set (offline mode)",
                             where=f"hub repo {repo}", fix=_hub_fix(repo))
 
