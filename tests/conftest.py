@@ -15,7 +15,7 @@ RECIPES = REPO / "recipes"
 
 
 def compose(*overrides: str):
-    from vlmforge.cli import compose as _compose
+    from vlmforge.recipe import compose as _compose
 
     return _compose(list(overrides), RECIPES)
 

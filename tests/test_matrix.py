@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from tests.conftest import RECIPES
-from vlmforge.cli import main, plan_matrix
+from vlmforge.cli import main
+from vlmforge.recipe.matrix import plan_matrix
 from vlmforge.artifact.manifest import verify_dir
 
 # recipes/hydra/launcher/*.yaml must fit the launcher each one names: slurm.yaml is vlmforge's subclass of
@@ -76,12 +77,12 @@ def test_two_cells_writing_one_directory_stop_the_run_before_any_work(capsys, tm
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_launcher_recipes_compose_and_fit_the_plugin_schema(launcher, tmp_path):
-    from vlmforge.cli import _compose_hydra
+    from vlmforge.recipe.compose import compose_hydra
 
     target, fields = LAUNCHERS[launcher]
     raw = yaml.safe_load((RECIPES / "hydra" / "launcher" / f"{launcher}.yaml").read_text())
     assert raw["_target_"] == target and set(raw) <= fields()
-    cfg = _compose_hydra(RECIPES, ["+matrix=default", f"hydra/launcher={launcher}", f"out_dir={tmp_path}"])
+    cfg = compose_hydra(RECIPES, ["+matrix=default", f"hydra/launcher={launcher}", f"out_dir={tmp_path}"])
     node = cfg.hydra.launcher
     assert node._target_ == target
     if launcher == "slurm":

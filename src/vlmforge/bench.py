@@ -49,7 +49,7 @@ def ensure_build(overrides: list[str], recipes: Path) -> tuple[Path, Path]:
     stage cache (keyed by weights, recipe and the exporter code) makes an unchanged set cheap, and a
     changed exporter is never benchmarked through stale graphs."""
     from vlmforge.build import run_build
-    from vlmforge.cli import compose
+    from vlmforge.recipe import compose
     from vlmforge.registry import get_family
     from vlmforge.source import open_source
 
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vlmforge.cli import compose, recipes_dir
+    from vlmforge.recipe import compose, recipes_dir
     from vlmforge.fixtures.images import sample_image
 
     recipes = recipes_dir(args.recipes)

@@ -1,19 +1,24 @@
-"""Recipe schema: YAML (Hydra) -> schema-checked frozen dataclasses, converted once in the CLI.
+"""The recipe schema as plain dataclasses, and the checks that need no model.
 
-A typo in a key is an error naming the key and the valid ones. Nothing below the CLI sees OmegaConf.
+Composition (Hydra/OmegaConf) lives in `vlmforge.recipe`, which merges a composed recipe onto these
+dataclasses; everything else takes a `BuildConfig`. A typo in a key is an error naming the key and the
+valid ones (`valid_keys`, `unknown_key_error`, shared with `vlmforge.recipe.schema`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from vlmforge.core.errors import RecipeError
 
 PRECISIONS = ("fp32", "fp16", "int4")
+MISSING = "???"  # a key the recipe must set (OmegaConf's mark for a mandatory value)
 
 
 @dataclass
@@ -86,14 +91,6 @@ class BuildConfig:
     name: Optional[str] = None  # artifact dir name under out_dir/<model.name>/; default <precision>-<size>
 
 
-def register_schema() -> None:
-    """Make the dataclass schema the base of recipes/build.yaml (its defaults list names `build_schema`),
-    so every schema key can be overridden on the command line and unknown keys fail at composition."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="build_schema", node=BuildConfig)
-
-
 def valid_keys(parent: str) -> list[str]:
     """The keys that may follow `parent.` in a recipe (the tolerance tree is free-form YAML with a fixed
     vocabulary: stages, then precisions, then metrics)."""
@@ -113,41 +110,48 @@ def unknown_key_error(key: str, recipe: str) -> RecipeError:
                        fix=f"valid keys{' under ' + parent if parent else ''}: {keys}")
 
 
-def _schema_error(exc: Exception, recipe: str) -> RecipeError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
-    valid = valid_keys(parent)
-    msg = str(exc).splitlines()[0]
-    return RecipeError(
-        f"recipe key {key!r} is not valid: {msg}",
-        where=recipe,
-        fix=f"valid keys{' under ' + parent if parent else ''}: {valid}" if valid else "check the key's type",
-    )
-
-
-def from_omegaconf(cfg: Any, recipe: str = "recipes/build.yaml") -> BuildConfig:
-    """Merge the composed recipe onto the schema (unknown keys and wrong types fail) -> BuildConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        schema = OmegaConf.structured(BuildConfig)
-        # Plain container first: Hydra's `+key=value` lifts struct mode, and a typed node would then carry an
-        # unknown key through the merge silently.
-        plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
-        merged = OmegaConf.merge(schema, plain)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise RecipeError(
-                f"recipe leaves {missing} unset",
-                where=recipe,
-                fix="choose a model recipe (model=<name>) or set the keys on the command line",
-            )
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise _schema_error(exc, recipe) from exc
+def from_dict(data: dict, recipe: str) -> BuildConfig:
+    """A recipe recorded as plain data (a manifest's `recipe`) -> BuildConfig, with the checks composition
+    makes: unknown keys, values of the wrong type and unset keys fail, then `check`. No OmegaConf."""
+    obj = _from_dict(BuildConfig, data, "", recipe)
+    missing = sorted(_missing_keys(obj))
+    if missing:
+        raise RecipeError(f"recipe leaves {missing} unset", where=recipe,
+                          fix="choose a model recipe (model=<name>) or set the keys on the command line")
     check(obj, recipe)
     return obj
+
+
+def _from_dict(cls, data, prefix: str, recipe: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe key {prefix.rstrip('.') or '<root>'!r} is not a mapping", where=recipe,
+                          fix=f"valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+                              f"{valid_keys(prefix.rstrip('.'))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise unknown_key_error(full, recipe)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _from_dict(hint, value, f"{full}.", recipe)
+            continue
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        if not any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed):
+            raise RecipeError(f"recipe key {full!r}: {value!r} is not a {' or '.join(t.__name__ for t in allowed)}",
+                              where=recipe, fix=f"give {full} a value of its type (see vlmforge.config.BuildConfig)")
+        values[key] = copy.deepcopy(value)
+    return cls(**values)
+
+
+def _missing_keys(node, prefix: str = ""):
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _missing_keys(value, f"{prefix}{f.name}.")
+        elif value == MISSING:
+            yield f"{prefix}{f.name}"
 
 
 # Which dtypes a checkpoint may be loaded in for export. bfloat16/float16 loading would export graphs whose

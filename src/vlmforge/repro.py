@@ -173,7 +173,7 @@ def repro_check(overrides: list[str], workdir: Path, recipes: Path | None = None
     compare the two artifact sets. With `relocate`, the second build runs in a new Python process from a
     copy of the vlmforge package at another path. The scratch folder is removed when the builds agree
     (unless `keep`) and kept for inspection when they do not."""
-    from vlmforge.cli import recipes_dir
+    from vlmforge.recipe import recipes_dir
 
     recipes = recipes_dir(str(recipes) if recipes else None)
     workdir = Path(workdir)
@@ -195,13 +195,13 @@ def repro_check(overrides: list[str], workdir: Path, recipes: Path | None = None
 
 def _build_here(overrides: list[str], recipes: Path) -> Path:
     from vlmforge.build import run_build
-    from vlmforge.cli import compose
+    from vlmforge.recipe import compose
 
     return run_build(compose(overrides, recipes)).directory
 
 
-_CHILD = ("import sys; from pathlib import Path; from vlmforge.build import run_build; from vlmforge.cli import compose; "
-          "print(run_build(compose(sys.argv[2:], Path(sys.argv[1]))).directory)")
+_CHILD = ("import sys; from pathlib import Path; from vlmforge.build import run_build; "
+          "from vlmforge.recipe import compose; print(run_build(compose(sys.argv[2:], Path(sys.argv[1]))).directory)")
 
 
 def _build_relocated(overrides: list[str], recipes: Path, where: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmforge.build import source_config_sha256, validation_images
-from vlmforge.config import from_omegaconf
+from vlmforge.config import from_dict
 from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
@@ -23,12 +23,10 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     """Every check of the build, re-run on the verified set against its source checkpoint (`checkpoint`
     overrides where the manifest says it was, for a checkpoint that moved)."""
     m = check_verified(Path(directory), "validate re-checks verified sets only")
-    from omegaconf import OmegaConf
-
     recipe = dict(m["recipe"])
     if checkpoint is not None:
         recipe["model"] = {**recipe.get("model", {}), "checkpoint": checkpoint}
-    cfg = from_omegaconf(OmegaConf.create(recipe), recipe=f"{directory}/manifest.json recipe")
+    cfg = from_dict(recipe, recipe=f"{directory}/manifest.json recipe")
     where = "--checkpoint" if checkpoint is not None else \
         f"{directory}/manifest.json source.checkpoint (pass --checkpoint DIR if the checkpoint moved)"
     source = open_source(cfg.model.checkpoint, m["family"], cfg.model.revision, Path(cfg.cache_dir), where)
