@@ -159,7 +159,9 @@ class TextStream:
 
 # -- the pipeline ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Prepared:
+class Prepared:
+    """A prompt ready to run: the loop's inputs (token ids + image patches) and the prompt's token ids."""
+
     inputs: PromptInputs
     prompt_ids: np.ndarray
 
@@ -240,7 +242,7 @@ class Pipeline:
         params = _params(kwargs, "Pipeline.stream")
         start = time.perf_counter()
         images = _image_list(images)
-        prepared = self._prepare([_user(prompt, len(images))], images, params, "Pipeline.stream")
+        prepared = self.prepare([_user(prompt, len(images))], images, params, "Pipeline.stream")
         return self._stream(prepared, params, start)
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, **kwargs) -> list[str]:
@@ -254,7 +256,7 @@ class Pipeline:
             raise InputError(f"{len(prompts)} prompts but {len(images)} image lists",
                              where="Pipeline.generate_batch(images=...)", fix="pass one (possibly empty) image list per prompt")
         start = time.perf_counter()
-        prepared = [self._prepare([_user(p, len(imgs))], imgs, params, f"Pipeline.generate_batch(prompts[{i}])")
+        prepared = [self.prepare([_user(p, len(imgs))], imgs, params, f"Pipeline.generate_batch(prompts[{i}])")
                     for i, (p, imgs) in enumerate(zip(prompts, images))]
         return self._run_batch(prepared, params, start)
 
@@ -277,8 +279,11 @@ class Pipeline:
                                  fix="pass image file paths or PIL images")
         return out
 
-    def _prepare(self, messages: list[dict], images: Sequence, params: SamplingParams, where: str) -> _Prepared:
-        """Everything that can fail on user input, before any session runs."""
+    def prepare(self, messages: list[dict], images: Sequence, params: SamplingParams,
+                where: str = "Pipeline.prepare") -> Prepared:
+        """The checked prompt inputs of a conversation (chat-template messages + the images they show), for
+        `runtime.loop.prefill` or this pipeline's own generation. Everything that can fail on user input
+        fails here (InputError), before any session runs."""
         params.check(where)
         loaded = self.load_images(images, where)
         n_img = len(loaded)
@@ -305,9 +310,9 @@ class Pipeline:
             )
         patches = tuple(image_to_patches(img, **self._pp) for img in loaded)
         arr = np.asarray(ids, np.int64)
-        return _Prepared(PromptInputs(arr, patches), arr)
+        return Prepared(PromptInputs(arr, patches), arr)
 
-    def _selector(self, prepared: Sequence[_Prepared], params: SamplingParams, done: list[bool]):
+    def _selector(self, prepared: Sequence[Prepared], params: SamplingParams, done: list[bool]):
         rng = np.random.default_rng(params.seed)
         history = [list(p.prompt_ids) for p in prepared]
         plain_greedy = params.temperature == 0 and params.repetition_penalty == 1.0
@@ -325,7 +330,7 @@ class Pipeline:
 
         return select
 
-    def _stream(self, prepared: _Prepared, params: SamplingParams, start: float) -> Iterator[str]:
+    def _stream(self, prepared: Prepared, params: SamplingParams, start: float) -> Iterator[str]:
         stats = GenerationStats(preprocess_s=time.perf_counter() - start)
         self.last_stats = stats
         text = TextStream(self.tokenizer, params.stop)
@@ -352,7 +357,7 @@ class Pipeline:
         finally:
             steps.close()
 
-    def _run_batch(self, prepared: list[_Prepared], params: SamplingParams, start: float) -> list[str]:
+    def _run_batch(self, prepared: list[Prepared], params: SamplingParams, start: float) -> list[str]:
         stats = GenerationStats(preprocess_s=time.perf_counter() - start)
         self.last_stats = stats
         texts = [TextStream(self.tokenizer, params.stop) for _ in prepared]
@@ -407,7 +412,7 @@ class Chat:
         start = time.perf_counter()
         loaded = pipe.load_images(_image_list(images), "Chat.stream")
         messages = self.messages + [_user(text, len(loaded))]
-        prepared = pipe._prepare(messages, self.images + loaded, params, "Chat.stream")
+        prepared = pipe.prepare(messages, self.images + loaded, params, "Chat.stream")
         return self._turn(messages, loaded, pipe._stream(prepared, params, start))
 
     def _turn(self, messages: list[dict], loaded: list, pieces: Iterator[str]) -> Iterator[str]:
