@@ -57,7 +57,7 @@ def reader(nbytes: int):
 
 def bytes_per_step(directory: Path, manifest: dict, past: int) -> int:
     """Decoder weights (the decoder files' size) + the KV cache read once, at FP32 or the graph's KV dtype."""
-    from vlmforge.runtime.pipeline import layout_from_manifest
+    from vlmforge.runtime.artifacts import layout_from_manifest
 
     lay = layout_from_manifest(manifest, "bench")
     weights = sum(p.stat().st_size for p in Path(directory).glob("decoder.onnx*"))
