@@ -198,7 +198,7 @@ def test_genai_runs_qwen3_vl_without_deepstack_like_the_runtime(qwen3_384_drop, 
     assert json.loads((art / GENAI_CONFIG).read_text())["model"]["type"] == "qwen3_vl"
     tokens, logits, inputs = genai_generate(og.Model(str(art)), art, PROMPT3, image_paths[:1], N_TOKENS)
     pipe = Pipeline.load(art)
-    prep = pipe._prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT3}]}],
+    prep = pipe.prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT3}]}],
                          image_paths[:1], SamplingParams(), "test")
     assert inputs["input_ids"].reshape(-1).tolist() == prep.prompt_ids.tolist()
     ours = list(generate_tokens(pipe.engine, prep.inputs, pipe.ids, max_new_tokens=N_TOKENS, choose=greedy))

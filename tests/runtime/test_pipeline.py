@@ -260,7 +260,7 @@ def test_load_rejects_unlisted_tokenizer_files(copy):
 
 # -- KV cache ----------------------------------------------------------------------------------------------------
 def test_kv_modes_and_prefill_chunks_give_the_same_logits(pipe, images):
-    prep = pipe._prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+    prep = pipe.prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
                          images[:1], SamplingParams(), "test")
     runs = {}
     for mode, chunk in (("numpy", 10_000), ("ortvalue", 10_000), ("preallocated", 10_000), ("preallocated", 64)):
@@ -308,7 +308,7 @@ def test_pipeline_runs_qwen3_vl_with_deepstack(qwen3_384, images):
     q3 = Pipeline.load(art)
     assert q3.engine.layout.deepstack_layers > 0
     text = q3.generate("Describe this image in detail.", images=images[:1], max_new_tokens=N_TOKENS)
-    prep = q3._prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}],
+    prep = q3.prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}],
                        images[:1], SamplingParams(), "test")
     tokens = [t for t, _ in generate_tokens(q3.engine, prep.inputs, q3.ids, max_new_tokens=N_TOKENS, choose=greedy)]
     tokens = [t for t in tokens if t not in q3.ids.eos]

@@ -25,7 +25,7 @@ from vlmforge.release.publish import publish
 from vlmforge.release.tarball import safe_extract
 from vlmforge.release.verify import parse_sha256sums, verify_release
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
