@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlmforge.core.errors import RecipeError
+from vlmforge.transforms import TRANSFORMS
 
-PRECISIONS = ("fp32", "fp16", "int4")
+PRECISIONS = ("fp32", *TRANSFORMS)  # FP32 is the export itself; every other precision is a transform
 
 
 @dataclass
