@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RECIPES, compose
-from vlmforge import cache as C
+from vlmforge.build import cache as C
 from vlmforge.artifact.manifest import verify_dir
 from vlmforge.progress import Progress
 from vlmforge.source import resolve_checkpoint
@@ -43,7 +43,7 @@ def test_entry_is_reused_and_an_altered_entry_is_deleted_and_rebuilt(tmp_path, c
     assert hit and (again.path / "vision.onnx").read_bytes() == b"graph"
 
     (entry.path / "vision.onnx").write_bytes(b"grapH")  # a user edits the cached file
-    with caplog.at_level(logging.WARNING, logger="vlmforge.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlmforge.build.cache"):
         assert cache.lookup("fam", "vision", key) is None
     assert "corrupted" in caplog.text and not entry.path.exists()
     rebuilt, hit = cache.get_or_build("fam", "vision", key, {"k": 1}, _write("vision.onnx", b"graph"))
@@ -156,11 +156,12 @@ def test_keys_ignore_what_cannot_change_a_graph(work_dirs):
 # -- builds ------------------------------------------------------------------------------------------------------
 def test_second_build_is_up_to_date_without_loading_the_model(qwen25_392, work_dirs, monkeypatch, caplog):
     import vlmforge.build as B
+    import vlmforge.build.plan as P
 
     def no_model(*a, **k):
         raise AssertionError("the PyTorch model was loaded for a fully cached build")
 
-    monkeypatch.setattr(B, "load_model", no_model)
+    monkeypatch.setattr(P, "load_model", no_model)
     cfg = compose(f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}", "model=tiny_qwen2_5_vl",
                   "vision=small", "name=cached-again")
     with caplog.at_level(logging.INFO, logger="vlmforge.build"):

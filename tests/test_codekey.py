@@ -12,6 +12,7 @@ import pytest
 from vlmforge import codekey as K
 from vlmforge.core.modgraph import read_graph
 from vlmforge.registry import STAGES, families, family_module
+from vlmforge.transforms import TRANSFORMS
 
 
 def _codes(root: Path) -> dict[tuple, str]:
@@ -21,7 +22,7 @@ def _codes(root: Path) -> dict[tuple, str]:
         for stage in STAGES:
             out[("export", key, stage)] = K.export_code(fam, family_module(key), stage, graph)
         out[("validation", key)] = K.validation_code(fam, family_module(key), graph)
-    for precision in K.TRANSFORM_MODULES:
+    for precision in TRANSFORMS:
         out[("transform", precision)] = K.transform_code(precision, graph)
     return out
 
@@ -69,9 +70,17 @@ def test_editing_the_shared_decoder_exporter_re_keys_both_families_decoders_only
     assert ("export", "qwen2_5_vl", "vision") not in changed and ("transform", "int4") not in changed
 
 
-def test_editing_the_build_executor_re_keys_everything(original, tmp_path):
-    changed = _changed_after_editing(original, tmp_path, "build.py")
+@pytest.mark.parametrize("rel", ["build/execute.py", "build/plan.py", "build/nodes.py", "build/cache.py"])
+def test_editing_the_build_executor_re_keys_everything(original, tmp_path, rel):
+    changed = _changed_after_editing(original, tmp_path, rel)
     assert changed == set(original[1])
+
+
+@pytest.mark.parametrize("rel", ["build/publish_dir.py", "transforms/__init__.py"])
+def test_editing_publishing_or_the_transform_table_re_keys_nothing(original, tmp_path, rel):
+    """Where a set is published, and which transforms exist, change no node's code (a transform's own row
+    is one of its node's declared inputs instead)."""
+    assert _changed_after_editing(original, tmp_path, rel) == set()
 
 
 def test_exports_do_not_hold_validation_or_runtime_code():
@@ -86,6 +95,8 @@ def test_every_transform_precision_names_a_module_of_the_package():
     from vlmforge.config import PRECISIONS
 
     graph = K.package_graph()
-    assert set(K.TRANSFORM_MODULES) == set(PRECISIONS) - {"fp32"}
-    assert all(m in graph.files for m in K.TRANSFORM_MODULES.values())
-    assert set(K.TRANSFORM_MODULES.values()) <= set(graph.all_imports["vlmforge.build"])
+    assert set(TRANSFORMS) == set(PRECISIONS) - {"fp32"}
+    assert all(row.module in graph.files for row in TRANSFORMS.values())
+    # a transform's code is its own module's closure: the cast does not hold the quantizer, nor either the build
+    fp16 = K.node_modules([TRANSFORMS["fp16"].module])
+    assert TRANSFORMS["int4"].module not in fp16 and "vlmforge.build.run" not in fp16

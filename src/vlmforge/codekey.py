@@ -2,16 +2,20 @@
 
 A node's code is the transitive closure, over the import graph read from the source (`core.modgraph`,
 imports inside functions included), of the modules the node calls into, plus the executor that drives
-every node (`EXECUTOR`, hashed as files: what they import for one node is in that node's roots). So:
+every node (`EXECUTOR`: the plan, the executor, the node bodies and the cache, hashed as files: what they
+import for one node is in that node's roots). So:
 
 * an FP32 export of (family, stage) runs that stage's hook modules and the checkpoint loader;
-* a transform runs its own transform module (its FP32 input's key, code included, is part of its key);
+* a transform runs the module its row of `transforms.TRANSFORMS` names (its FP32 input's key, code
+  included, is part of its key);
+* the runtime configs run the config writers and the image parameters;
 * a validation runs the validators, the runtime they drive, the validation images and the family's
   reference hooks.
 
 Editing `families/qwen3_vl/vision.py` changes no Qwen2.5-VL key; editing `transforms/cast_fp16.py` changes
 only FP16 transforms. Looked up through, never followed nor hashed: the registry and the family table
-(`LOOKUP`) — they import every family, and which family a key names is already in the node's roots. A
+(`LOOKUP`) — they import every family, and which family a key names is already in the node's roots — and
+the transform table (a transform's row is in its node's declared inputs, its module in its roots). A
 family's spec module (its `__init__`, the wiring of its hooks) is hashed as a file, not followed, so one
 stage's key does not hold the family's other stages. Fixture writers are not code of a node either: what
 they write reaches it as checkpoint files, which the key hashes by content. Hooks defined outside the package (a family folder
@@ -29,14 +33,15 @@ from pathlib import Path
 from vlmforge.core.modgraph import ModuleGraph, read_graph
 
 PACKAGE = Path(__file__).resolve().parent
-EXECUTOR = ("vlmforge", "vlmforge.build", "vlmforge.cache", "vlmforge.config")
-# Not followed, not hashed: the registry and the family table (they import every family), and the trained
-# fixture writer `source` calls (its output reaches a node only as checkpoint files, hashed by content).
-LOOKUP = frozenset({"vlmforge.registry", "vlmforge.families", "vlmforge.fixtures.trained"})
+EXECUTOR = ("vlmforge", "vlmforge.config", "vlmforge.build", "vlmforge.build.plan", "vlmforge.build.execute",
+            "vlmforge.build.nodes", "vlmforge.build.cache")
+# Not followed, not hashed: the registry and the family table (they import every family), the transform
+# table (it names every transform), and the trained fixture writer `source` calls (its output reaches a node
+# only as checkpoint files, hashed by content).
+LOOKUP = frozenset({"vlmforge.registry", "vlmforge.families", "vlmforge.transforms", "vlmforge.fixtures.trained"})
 LOADER = "vlmforge.source"  # reads, checks and loads the checkpoint every export starts from
-# The module each precision's transform runs (build.apply_precision calls into these).
-TRANSFORM_MODULES = {"fp16": "vlmforge.transforms.cast_fp16", "int4": "vlmforge.transforms.quantize_int4"}
 VALIDATION_ROOTS = ("vlmforge.validators.suite", "vlmforge.fixtures.images", "vlmforge.host.preprocess")
+RUNTIME_ROOTS = ("vlmforge.artifact.runtime_configs", "vlmforge.host.image")
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +77,13 @@ def export_code(family, family_module: str, stage: str, graph: ModuleGraph | Non
 
 
 def transform_code(precision: str, graph: ModuleGraph | None = None) -> str:
-    return node_code([TRANSFORM_MODULES[precision]], (), graph)
+    from vlmforge.transforms import TRANSFORMS
+
+    return node_code([TRANSFORMS[precision].module], (), graph)
+
+
+def runtime_configs_code(family_module: str, graph: ModuleGraph | None = None) -> str:
+    return node_code(RUNTIME_ROOTS, [family_module], graph)
 
 
 def validation_code(family, family_module: str, graph: ModuleGraph | None = None) -> str:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vlmforge.core.errors import RecipeError
+from vlmforge.transforms import TRANSFORMS
 
-PRECISIONS = ("fp32", "fp16", "int4")
 MISSING = "???"  # a key the recipe must set (OmegaConf's mark for a mandatory value)
+PRECISIONS = ("fp32", *TRANSFORMS)  # FP32 is the export itself; every other precision is a transform
 
 
 @dataclass

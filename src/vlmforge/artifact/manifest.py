@@ -32,7 +32,13 @@ TOOLCHAIN_PACKAGES = (
 
 
 def schema() -> dict:
-    return json.loads(resources.files("vlmforge").joinpath("schemas/manifest.schema.json").read_text())
+    """The manifest schema; a component's precision is one the transform table knows (the file lists the
+    built-in ones for readers of the JSON alone)."""
+    from vlmforge.transforms import TRANSFORMS
+
+    data = json.loads(resources.files("vlmforge").joinpath("schemas/manifest.schema.json").read_text())
+    data["$defs"]["component"]["properties"]["precision"]["enum"] = ["fp32", *TRANSFORMS]
+    return data
 
 
 def toolchain() -> dict:

@@ -1,0 +1,207 @@
+"""The work of each kind of build node (vlmforge.build.plan lists the nodes, vlmforge.build.execute runs them).
+
+Each is `run(build, node, folder) -> record`: it writes its files into `folder` (a cache entry's temporary
+folder, or the staging folder for the nodes that are not cached) and returns the JSON record kept with them.
+It may read what its declared dependencies put into the staging or scratch folders, and `build.records`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmforge import __version__
+from vlmforge.artifact.manifest import MANIFEST, hash_files, toolchain, validate_manifest
+from vlmforge.build.publish_dir import VALIDATION_FILE, park_failed
+from vlmforge.config import to_dict
+from vlmforge.core.errors import ValidationFailed
+from vlmforge.core.hashing import sha256_file
+from vlmforge.registry import STAGES
+from vlmforge.source import TOKENIZER_FILES, checkpoint_file
+from vlmforge.transforms import TRANSFORMS
+from vlmforge.validators.results import CheckResult
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILES = TOKENIZER_FILES + ("preprocessor_config.json", "generation_config.json")
+# The options each stage's export reads (StageOptions fields). Image size reaches the vision graph only, so
+# vision=small and vision=large share one embedding and one decoder export.
+STAGE_READS = {"vision": ("image_size", "deepstack"), "embedding": ("deepstack",), "decoder": ("deepstack",)}
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    image_size: int
+    deepstack: bool
+
+
+def stage_options(stage: str, options: StageOptions) -> StageOptions:
+    """The options an export sees: only those its cache key holds (STAGE_READS); the others are None, so a
+    stage that starts reading one fails loudly instead of reusing a graph built for another value."""
+    return StageOptions(**{k: (v if k in STAGE_READS[stage] else None) for k, v in dataclasses.asdict(options).items()})
+
+
+# -- graphs ----------------------------------------------------------------------------------------------------------
+def export(b, node, folder: Path) -> dict:
+    stage = node.stage
+    model = b.model(f"the {stage} export")
+    log.info("%s: exporting", node.label)
+    t = time.perf_counter()
+    with b.progress.step(f"{stage}: exporting"):
+        b.family.stage(stage).export(model, stage_options(stage, b.options), folder / f"{stage}.onnx")
+    b.timings[node.timing] = time.perf_counter() - t
+    return {"contract": b.contracts[stage].to_json()}
+
+
+def transform(b, node, folder: Path) -> dict:
+    """The FP32 graph (put in scratch by the executor) through the table's function, plus the sizes."""
+    stage, precision = node.stage, node.inputs["precision"]
+    row = TRANSFORMS[precision]
+    log.info("%s: transforming to %s", stage, precision)
+    t = time.perf_counter()
+    src, dst = b.scratch / f"{stage}.onnx", folder / f"{stage}.onnx"
+    params = {kw: getattr(b.cfg.precision, key) for kw, key in row.params.items()}
+    facts = {"stage": stage, "vocab": b.hf_config.text_config.vocab_size if stage == "decoder" else None}
+    with b.progress.step(f"{stage}: {precision} transform"):
+        record = row.resolve()(src, dst, **params, **{k: facts[k] for k in row.context})
+    fp32_bytes = graph_bytes(src)
+    record.update(fp32_bytes=fp32_bytes, bytes=graph_bytes(dst), size_ratio=round(graph_bytes(dst) / fp32_bytes, 4))
+    b.timings[node.timing] = time.perf_counter() - t
+    return {"transform": record}
+
+
+def graph_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+# -- the set around the graphs ---------------------------------------------------------------------------------------
+def runtime_configs(b, node, staging: Path) -> dict:
+    """Tokenizer and processor files from the checkpoint, and the runtime configs written from the contracts."""
+    from vlmforge.artifact.runtime_configs import write_runtime_configs
+    from vlmforge.host.image import image_params
+
+    _copy_runtime_files(b.source.path, staging)
+    b.params = image_params(b.source.path, b.hf_config, b.options.image_size, b.family.image.mean, b.family.image.std)
+    write_runtime_configs(staging, b.family.key, b.family.genai_type, b.hf_config, b.final_contracts, b.params,
+                          b.deepstack)
+    return {}
+
+
+def _copy_runtime_files(src: Path, dst: Path) -> None:
+    """Tokenizer and processor files into the set, each confined to the checkpoint (checkpoint_file)."""
+    for name in RUNTIME_FILES:
+        if (src / name).is_file():
+            real = checkpoint_file(src, name, f"checkpoint file {name}")
+            if real != src.resolve() / name:
+                log.info("%s: copied from %s (a link in the checkpoint)", name, real)
+            shutil.copyfile(real, dst / name)
+
+
+def validation(b, node, folder: Path) -> dict:
+    """Every check of the staged set against the PyTorch model (transformed graphs also against their FP32
+    graphs, which the executor put in scratch)."""
+    from vlmforge.validators.suite import SuiteInputs, run_suite
+
+    t = time.perf_counter()
+    model = b.model("validation")
+    cfg, family = b.cfg, b.family
+    with b.progress.step("validating against PyTorch"):
+        dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
+        inp = SuiteInputs(family.key, b.staging, b.final_contracts, dict(b.precision), b.params, b.deepstack,
+                          tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
+                          fp32_directory=b.scratch if node.scratch else None)
+        result = run_suite(inp, model, b.source.path, cfg.validate, validation_images(cfg.validate))
+    b.timings[node.timing] = time.perf_counter() - t
+    b.checks = (result.checks, result.variant)  # as measured; the record holds them rounded (CheckResult.to_json)
+    return {"checks": [c.to_json() for c in result.checks], "variant": result.variant}
+
+
+def validation_images(vcfg) -> list:
+    from vlmforge.host.preprocess import load_image
+
+    if vcfg.images:
+        return [load_image(p) for p in vcfg.images]
+    from vlmforge.fixtures.images import sample_image
+
+    return [sample_image(seed, size=(500, 500)) for seed in vcfg.image_seeds]
+
+
+def checks_of(b) -> tuple[list[CheckResult], dict]:
+    """The checks of this build: as measured if the validation ran, else from its cache entry."""
+    if b.checks is not None:
+        return b.checks
+    record = b.records.get("validation")
+    if record is None:
+        return [], {}
+    return [CheckResult(**c) for c in record["checks"]], record.get("variant") or {}
+
+
+def manifest(b, node, staging: Path) -> dict:
+    """The manifest of the staged set, validated (a bad manifest publishes nothing); a set whose checks
+    failed is parked as <name>.failed/ instead."""
+    checks, variant = checks_of(b)
+    if not all(c.passed for c in checks):
+        failed_dir = park_failed(staging, b.final, checks)
+        bad = [c for c in checks if not c.passed]
+        raise ValidationFailed(
+            f"{len(bad)} of {len(checks)} checks failed: " + "; ".join(f"{c.stage}/{c.name} {c.metric}={c.value} > {c.tolerance}" for c in bad[:4]),
+            where=str(failed_dir / VALIDATION_FILE),
+            fix="inspect the failing stage; tolerances live in recipes/validate/*.yaml (never loosen them to pass)",
+        )
+    data = _manifest(b.cfg, b.family.key, b.source, b.final_contracts, b.params, checks, staging)
+    for stage in STAGES:
+        record = b.records.get(f"transform.{stage}.{b.precision[stage]}")
+        if record is not None:
+            data["components"][stage]["transform"] = record["transform"]
+    if variant:
+        data["variant"] = variant
+    validate_manifest(data, str(staging / MANIFEST))
+    return data
+
+
+def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path) -> dict:
+    comps = {}
+    for stage, c in contracts.items():
+        comp = {"file": f"{stage}.onnx", "precision": getattr(cfg.precision, stage), **c.to_json()}
+        if stage == "vision":
+            comp.update(image_size=params.size, tokens_per_image=params.tokens_per_image,
+                        grid_thw=[1, params.size // params.patch_size, params.size // params.patch_size],
+                        preprocess=params.to_json())
+        comps[stage] = comp
+    mc = load_config_ids(source.config)
+    return {
+        "schema_version": 1,
+        "vlmforge_version": __version__,
+        "family": family_key,
+        "source": {"checkpoint": cfg.model.checkpoint, "revision": cfg.model.revision, "weights": source.weight_files,
+                   "config_sha256": source_config_sha256(source.path)},
+        "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir")},  # where it ran is not what it is
+        "toolchain": toolchain(),
+        "components": comps,
+        "files": hash_files(staging),
+        "token_ids": mc,
+        "validation": {"passed": all(c.passed for c in checks) and bool(checks), "checks": [c.to_json() for c in checks]},
+    }
+
+
+def source_config_sha256(path: Path) -> str:
+    """sha256 of the checkpoint's config.json: `validate` tells a changed config from changed artifacts."""
+    return sha256_file(checkpoint_file(path, "config.json", "checkpoint config.json"))
+
+
+def load_config_ids(config: dict) -> dict:
+    text = config.get("text_config", {})
+    eos = text.get("eos_token_id", config.get("eos_token_id"))
+    return {
+        "image": config["image_token_id"],
+        "vision_start": config["vision_start_token_id"],
+        "vision_end": config["vision_end_token_id"],
+        "eos": eos,
+        "pad": text.get("pad_token_id", config.get("pad_token_id")),
+        "bos": text.get("bos_token_id", config.get("bos_token_id")),
+    }
