@@ -466,6 +466,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_publish_parsers(sub)
     register(sub)
+    __import__("vlmforge.artifact.js_commands", fromlist=["register"]).register(sub)
     return p
 
 
