@@ -43,6 +43,22 @@ function options() {
     return { dir, images: values.image, prompt: values.prompt, tokens, minTokens };
 }
 
+// A fixed-shape vision graph takes one grid: say so, instead of onnxruntime's "invalid dimensions".
+function checkGrid(opts, inputs, patch) {
+    const mark = path.join(opts.dir, 'export_js.json');
+    const fixed = fs.existsSync(mark) ? JSON.parse(fs.readFileSync(mark, 'utf8')).vision?.fixed_hw : null;
+    if (!fixed || !inputs.image_grid_thw) return;
+    const want = [1, fixed[0] / patch, fixed[1] / patch];
+    for (const [i, grid] of inputs.image_grid_thw.tolist().entries()) {
+        const got = grid.map(Number);
+        if (got.some((v, k) => v !== want[k])) {
+            fail(`image ${opts.images[i]} is resized to ${got[1] * patch}x${got[2] * patch} (height x width); this layout's vision ` +
+                 `graph takes ${fixed[0]}x${fixed[1]} (height x width) only: give an image of that aspect ratio ` +
+                 `(that exact size is preprocessed as HF does), or export a dynamic-resolution set`);
+        }
+    }
+}
+
 async function main() {
     const opts = options();
     const { AutoProcessor, AutoModelForImageTextToText, RawImage, env } = await import('@huggingface/transformers');
@@ -60,6 +76,7 @@ async function main() {
     const text = processor.apply_chat_template([{ role: 'user', content }], { add_generation_prompt: true });
     const images = await Promise.all(opts.images.map((p) => RawImage.read(p)));
     const inputs = images.length ? await processor(text, images.length === 1 ? images[0] : images) : await processor(text);
+    checkGrid(opts, inputs, processor.image_processor?.config?.patch_size);
     const out = await model.generate({
         ...inputs,
         max_new_tokens: opts.tokens,

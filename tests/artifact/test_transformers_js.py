@@ -29,12 +29,16 @@ PROMPT = "Describe this image in detail."
 N_TOKENS = 12
 
 
-def node_greedy(layout: Path, image: Path, n: int = N_TOKENS) -> dict:
+def run_node(layout: Path, image: Path, n: int = N_TOKENS) -> subprocess.CompletedProcess:
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "@huggingface" / "transformers").is_dir():
         pytest.fail("Node 18+ and js/node_modules are needed: run `make js-setup` (make test does)")
-    proc = subprocess.run([node, str(JS / "greedy.mjs"), str(layout), "--image", str(image), "--prompt", PROMPT,
+    return subprocess.run([node, str(JS / "greedy.mjs"), str(layout), "--image", str(image), "--prompt", PROMPT,
                            "--tokens", str(n), "--min-tokens", str(n)], capture_output=True, text=True, timeout=300)
+
+
+def node_greedy(layout: Path, image: Path, n: int = N_TOKENS) -> dict:
+    proc = run_node(layout, image, n)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -150,6 +154,14 @@ def test_transformers_js_greedy_tokens_match_hf(q25_layout, qwen25_392, work_dir
     assert js["image_grid_thw"] == [[1, 28, 28]]
     assert js["prompt_tokens"] == ids
     assert len(want) == N_TOKENS and js["new_tokens"] == want
+
+
+def test_an_image_off_the_fixed_grid_is_named_not_an_onnxruntime_crash(q25_layout, tmp_path):
+    image = tmp_path / "wide.png"
+    sample_image(3, size=(500, 333)).save(image)
+    proc = run_node(q25_layout, image, 2)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "resized to 308x476 (height x width)" in proc.stderr and "takes 392x392" in proc.stderr
 
 
 def test_deepstack_dropped_set_matches_hf_without_deepstack(qwen3_384_drop, work_dirs, tmp_path):

@@ -24,19 +24,21 @@ from vlmforge.core.paths import confine
 PIXEL_KEYS = ("min_pixels", "max_pixels")
 
 
-def _family_facts(family_key: str) -> tuple[list[str], str]:
-    """(config.json architectures, text sub-config model_type), from the family's HF class."""
-    import transformers
+def text_model_type(model_type: str) -> str:
+    """HF's model_type of the text sub-config of `model_type` (the family key is HF's config.model_type).
+    Read from transformers' config class: the configuration module only, no model code, no torch."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from vlmforge.registry import get_family
-
-    family = get_family(family_key, where="manifest.json family")
-    config_class = getattr(transformers, family.hf_class).config_class
-    text = config_class.sub_configs.get("text_config") if hasattr(config_class, "sub_configs") else None
+    try:
+        config_class = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise ArtifactError(f"transformers has no config class for model_type {model_type!r}",
+                            where="manifest.json family", fix="rebuild the set with this vlmforge version") from None
+    text = getattr(config_class, "sub_configs", {}).get("text_config")
     if text is None:
-        raise ArtifactError(f"{family.hf_class}'s config has no text_config", where="vlmforge.artifact.js_config",
+        raise ArtifactError(f"{config_class.__name__} has no text_config", where="manifest.json family",
                             fix="transformers.js reads the decoder's facts from config.json's text_config")
-    return [family.hf_class], text.model_type
+    return text.model_type
 
 
 def js_config(manifest: dict, written: dict) -> dict:
@@ -46,15 +48,13 @@ def js_config(manifest: dict, written: dict) -> dict:
     kv = KVLayout.from_contract(decoder, where="manifest.json components.decoder", error=ArtifactError)
     vocab = decoder.output("logits").shape[-1]
     pp = comps["vision"]["preprocess"]
-    architectures, text_type = _family_facts(manifest["family"])
-    text = {"model_type": text_type, "hidden_size": kv.hidden, "num_hidden_layers": kv.num_layers,
+    text = {"model_type": text_model_type(manifest["family"]), "hidden_size": kv.hidden, "num_hidden_layers": kv.num_layers,
             "num_key_value_heads": kv.kv_heads, "head_dim": kv.head_dim, "vocab_size": vocab}
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):
         if ids.get(name) is not None:
             text[key] = ids[name]
     config = {
         "model_type": manifest["family"],
-        "architectures": architectures,
         "image_token_id": ids["image"],
         "vision_start_token_id": ids["vision_start"],
         "vision_end_token_id": ids["vision_end"],
