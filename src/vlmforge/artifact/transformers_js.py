@@ -191,7 +191,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     if not os.path.lexists(out):
         os.rename(staging, out)
         return
-    old = out.parent / f".{out.name}.export-js-old-{owner_tag()}"
+    old = out.parent / f".{out.name}.old.export-js-{owner_tag()}"  # removed by remove_stale if we die here
     os.rename(out, old)
     os.rename(staging, out)
     shutil.rmtree(old, ignore_errors=True)
