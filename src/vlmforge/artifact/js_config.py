@@ -41,13 +41,14 @@ def text_model_type(model_type: str) -> str:
     return text.model_type
 
 
-def js_config(manifest: dict, written: dict) -> dict:
-    """config.json. `written`: session name -> (transformers.js dtype, js_graphs.WrittenGraph)."""
+def js_config(manifest: dict, written: dict, vision_component: str) -> dict:
+    """config.json. `written`: session name -> (transformers.js dtype, js_graphs.WrittenGraph);
+    `vision_component`: the manifest component the vision encoder comes from."""
     comps, ids = manifest["components"], manifest["token_ids"]
     decoder = StageContract.from_json("decoder", comps["decoder"])
     kv = KVLayout.from_contract(decoder, where="manifest.json components.decoder", error=ArtifactError)
     vocab = decoder.output("logits").shape[-1]
-    pp = comps["vision"]["preprocess"]
+    pp = comps[vision_component]["preprocess"]
     text = {"model_type": text_model_type(manifest["family"]), "hidden_size": kv.hidden, "num_hidden_layers": kv.num_layers,
             "num_key_value_heads": kv.kv_heads, "head_dim": kv.head_dim, "vocab_size": vocab}
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):

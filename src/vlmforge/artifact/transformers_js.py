@@ -76,6 +76,9 @@ def fixed_vision(manifest: dict) -> VisionSource:
     which the graph refuses)."""
     vis = manifest["components"]["vision"]
     pp = vis["preprocess"]
+    if not isinstance(vis.get("grid_thw"), list) or len(vis["grid_thw"]) != 3:
+        raise ArtifactError("the set's vision component records no fixed grid_thw", where="manifest.json components.vision",
+                            fix="pass export_js the VisionSource of this set's vision graph (min/max pixels)")
     _, gh, gw = vis["grid_thw"]
     h, w = int(gh) * int(pp["patch_size"]), int(gw) * int(pp["patch_size"])
     return VisionSource("vision", h * w, h * w, (h, w))
@@ -216,7 +219,7 @@ def _write_layout(directory: Path, manifest: dict, contracts: dict, vision: Visi
         else:
             g = G.write_relocated(src(stage), directory.resolve(), dst, where, files)
         written[session] = (dtype, g)
-    _write_json(staging / "config.json", js_config(manifest, written))
+    _write_json(staging / "config.json", js_config(manifest, written, vision.component))
     _write_json(staging / "preprocessor_config.json",
                 preprocessor_config(_read_json(directory, manifest, "preprocessor_config.json", where), manifest, vision))
     _write_json(staging / "tokenizer_config.json", tokenizer_config(directory, manifest, where))
