@@ -40,6 +40,9 @@ function options() {
     const dir = path.resolve(positionals[0]);
     if (!fs.existsSync(path.join(dir, 'config.json'))) fail(`${dir} has no config.json: not an export-js layout`);
     for (const img of values.image) if (!fs.existsSync(img)) fail(`image ${img} does not exist`);
+    // transformers.js 4.3's Qwen2-VL image processor stacks several images into one temporal patch pair
+    // (image_processing_qwen2_vl.js) and then fails expanding the prompt: one image per prompt.
+    if (values.image.length > 1) fail('one --image per prompt: transformers.js 4.3 does not preprocess several images for this model class');
     return { dir, images: values.image, prompt: values.prompt, tokens, minTokens };
 }
 
