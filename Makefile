@@ -20,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MATRIX  ?= default
 FORCE_FLAG := $(if $(FORCE),--force,)
 
-.PHONY: help venv test export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits
+.PHONY: help venv test export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits js-setup
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,7 +33,17 @@ $(STAMP): constraints.txt pyproject.toml
 
 venv: $(STAMP)  ## create .venv from constraints.txt
 
-test: $(STAMP)  ## run the test suite (CPU, tiny models, no network)
+# Node clients the tests drive (transformers.js, pinned by js/package-lock.json); `npm ci` again only when js/ changes.
+JS_STAMP := js/node_modules/.installed
+$(JS_STAMP): js/package.json js/package-lock.json
+	@node -e 'process.exit(+process.versions.node.split(".")[0] < 18 ? 1 : 0)' 2>/dev/null && command -v npm >/dev/null || \
+	  { echo "make js-setup: needs Node.js >= 18 and npm on PATH (tested with Node 20; e.g. apt-get install nodejs npm)" >&2; exit 2; }
+	cd js && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(JS_STAMP)
+
+js-setup: $(JS_STAMP)  ## install js/'s pinned Node packages (@huggingface/transformers 4.3.2) with npm ci
+
+test: $(STAMP) $(JS_STAMP)  ## run the test suite (CPU, tiny models, no network)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 export-all: $(STAMP)  ## build, validate and describe every cell of recipes/matrix/$(MATRIX).yaml (one Hydra multirun)
@@ -57,8 +67,8 @@ train-fixtures: $(STAMP)  ## retrain the trained tiny fixtures of every family
 clean:  ## remove artifacts and caches, the stage cache in .work/stages included (keeps .venv)
 	rm -rf artifacts/*/ .work .pytest_cache
 
-distclean: clean  ## also remove the virtual environment
-	rm -rf $(VENV)
+distclean: clean  ## also remove the virtual environment and js/node_modules
+	rm -rf $(VENV) js/node_modules
 
 compare-commits: $(STAMP)  ## build MATRIX (default smoke) at commits A and B, compare every file byte for byte: make compare-commits A=d7af6ec B=HEAD
 	$(PY) scripts/compare_commits.py $(A) $(B) --matrix $(if $(filter default,$(MATRIX)),smoke,$(MATRIX)) $(OVERRIDES)

@@ -25,11 +25,13 @@ def parser() -> argparse.ArgumentParser:
     build.add_parsers(sub)
     artifacts.add_parsers(sub)
     fixture.add_parsers(sub)
+    from vlmforge.artifact.js_commands import register as register_js
     from vlmforge.release.commands import add_parsers as add_publish_parsers
     from vlmforge.runtime.commands import register
 
     add_publish_parsers(sub)
     register(sub)
+    register_js(sub)
     return p
 
 
