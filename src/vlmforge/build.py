@@ -35,6 +35,7 @@ from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
 from vlmforge.artifact.runtime_configs import write_runtime_configs
 from vlmforge.host.image import image_params
+from vlmforge.loading import stage_model
 from vlmforge.source import TOKENIZER_FILES, check_model_size, checkpoint_file, load_model, open_source
 from vlmforge.validators.results import CheckResult
 
@@ -276,10 +277,11 @@ class _Run:
 
     def _export(self, stage: str, label: str) -> tuple[Entry, bool]:
         def fill(tmp: Path) -> dict:
-            model = self.model(f"the {stage} export")
             log.info("%s: exporting", label)
             t = time.perf_counter()
-            with self.progress.step(f"{stage}: exporting"):
+            # Only the stage's weights, freed after it (vlmforge.loading); a model loaded whole is used as it is.
+            with self.progress.step(f"{stage}: exporting"), stage_model(
+                    self.source, self.hf_config, stage, self.cfg.model.load_dtype, self._model) as model:
                 self.family.stage(stage).export(model, stage_options(stage, self.options), tmp / f"{stage}.onnx")
             self.timings[f"export.{stage}"] = time.perf_counter() - t
             return {"contract": self.contracts[stage].to_json()}
