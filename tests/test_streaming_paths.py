@@ -105,3 +105,75 @@ def test_streaming_int4_writes_the_bytes_of_the_in_memory_quantizer(tmp_path, mo
     assert ("lm_head" in record["kept_float"]) == (not cfg.quantize_lm_head)
     assert record["embedding_tables_quantized"] == int(cfg.quantize_embedding)
     assert _files(new) == _files(old)
+
+
+def _source(checkpoint: str, family: str, cache: Path):
+    from vlmforge.build import load_hf_config
+    from vlmforge.source import open_source
+
+    src = open_source(checkpoint, family, None, cache, "test")
+    return src, load_hf_config(src)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_stage_loader_gives_the_weights_of_from_pretrained_for_the_stage_only(family, cache):
+    from vlmforge.loading import stage_model
+    from vlmforge.source import load_model
+
+    src, cfg = _source(f"fixture:{family}", family, cache)
+    whole = load_model(src)
+    want = dict(whole.named_parameters(remove_duplicate=False))
+    buffers = dict(whole.named_buffers())
+    covered = set()
+    for stage in ("vision", "embedding", "decoder"):
+        prefixes = src.family.stage_weights[stage]
+        with stage_model(src, cfg, stage) as model:
+            got = dict(model.named_parameters(remove_duplicate=False))
+            assert set(got) == set(want)
+            real = {n for n, p in got.items() if p.device.type != "meta"}
+            assert real
+            assert {n for n in want if n.startswith(prefixes)} <= real
+            for n in real:
+                assert got[n].dtype == torch.float32 and torch.equal(got[n], want[n]), n
+            for n, b in model.named_buffers():  # computed buffers (rotary frequencies) as from_pretrained has them
+                assert torch.equal(b, buffers[n]), n
+            tied = [n for n in real if not n.startswith(prefixes)]  # only aliases of a tied parameter
+            assert all(any(got[n] is got[m] for m in real if m.startswith(prefixes)) for n in tied)
+            covered |= real
+        assert all(p.device.type == "meta" for n, p in model.named_parameters() if n in real)  # released
+    assert covered == set(want)  # the three stages together read the whole checkpoint
+
+
+def test_stage_loader_reads_the_hub_legacy_names_and_refuses_a_missing_tensor(cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmforge.core.errors import CheckpointError
+    from vlmforge.loading import stage_model
+
+    src, cfg = _source("fixture:qwen2_5_vl", "qwen2_5_vl", cache)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(src.path, legacy)
+    renamed = {}
+    for f in legacy.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        renamed.update({src.family.checkpoint_name(k): v for k, v in tensors.items()})
+        f.unlink()
+    assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
+    save_file(renamed, str(legacy / "model.safetensors"))
+    lsrc, lcfg = _source(str(legacy), "qwen2_5_vl", cache)
+    with stage_model(src, cfg, "decoder") as a, stage_model(lsrc, lcfg, "decoder") as b:
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        assert all(torch.equal(pa[n], pb[n]) for n in pa if pa[n].device.type != "meta")
+    del renamed["model.norm.weight"]
+    save_file(renamed, str(legacy / "model.safetensors"))
+    lsrc, lcfg = _source(str(legacy), "qwen2_5_vl", cache)
+    with pytest.raises(CheckpointError, match="no tensor for parameter 'model.language_model.norm.weight'"):
+        with stage_model(lsrc, lcfg, "decoder"):
+            pass
+    with stage_model(lsrc, lcfg, "vision") as model:  # a stage that does not read it is not affected
+        assert model.model.visual.blocks[0].attn.qkv.weight.device.type == "cpu"
