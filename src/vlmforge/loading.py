@@ -9,7 +9,10 @@ layout (`FamilySpec.checkpoint_name`); nothing here knows a family.
 
 The model is constructed exactly as `_from_config` builds it (same modules, same computed buffers such as
 the rotary frequencies, which stay real), except that every parameter lands on the meta device as it is
-registered, so construction allocates nothing. Tied parameters (a tied LM head) are one tensor, read once
+registered, so construction allocates nothing. Linear weights are kept transposed in memory and handed to the
+model as transpose views: torch.onnx folds a decoder MatMul's `Transpose(weight)` into a NumPy view of that
+buffer instead of a copy, so the exporter holds each decoder weight once, not twice (the graph's bytes are
+the same: only the strides differ, and the exporter writes values). Tied parameters (a tied LM head) are one tensor, read once
 under any of their names. Reads use safetensors only, from the files `source.open_source` checked (headers,
 sizes, hashes); a tensor missing, duplicated across files or of another shape is a CheckpointError.
 """
@@ -113,12 +116,28 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                     raise CheckpointError(f"tensor {key!r} has shape {list(tensor.shape)}, the model needs "
                                           f"{list(want)}", where=str(file),
                                           fix="use the config.json that came with these weights")
-                param = torch.nn.Parameter(tensor.to(target), requires_grad=False)
+                if len(want) == 2 and _linear_weight(model, names, prefixes):
+                    # Stored transposed ([in, out]) and handed over as its transpose view: the exporter folds
+                    # the MatMul's Transpose(weight) into a view of this buffer, not a second copy (same bytes).
+                    buf = torch.empty(want[::-1], dtype=target)
+                    buf.copy_(tensor.t())
+                    param = torch.nn.Parameter(buf.t(), requires_grad=False)
+                else:
+                    param = torch.nn.Parameter(tensor.to(target), requires_grad=False)
                 del tensor
                 for n in names:
                     _set(model, n, param)
                 done += names
     return done
+
+
+def _linear_weight(model, names: list[str], prefixes) -> bool:
+    """Whether every name of the parameter the stage reads is the `weight` of an nn.Linear."""
+    import torch
+
+    mine = [n for n in names if prefixes is None or n.startswith(tuple(prefixes))]
+    return all(n.endswith(".weight") and isinstance(model.get_submodule(n.rpartition(".")[0]), torch.nn.Linear)
+               for n in mine)
 
 
 def release(model, names: list[str]) -> None:
