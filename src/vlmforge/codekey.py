@@ -40,6 +40,7 @@ EXECUTOR = ("vlmforge", "vlmforge.config", "vlmforge.build", "vlmforge.build.pla
 # only as checkpoint files, hashed by content).
 LOOKUP = frozenset({"vlmforge.registry", "vlmforge.families", "vlmforge.transforms", "vlmforge.fixtures.trained"})
 LOADER = "vlmforge.source"  # reads, checks and loads the checkpoint every export starts from
+STAGE_LOADER = "vlmforge.loading"  # materialises only the weights of the stage being exported
 VALIDATION_ROOTS = ("vlmforge.validators.suite", "vlmforge.fixtures.images", "vlmforge.host.preprocess")
 RUNTIME_ROOTS = ("vlmforge.artifact.runtime_configs", "vlmforge.host.image")
 
@@ -73,7 +74,7 @@ def node_code(follow, files_only=(), graph: ModuleGraph | None = None) -> str:
 
 def export_code(family, family_module: str, stage: str, graph: ModuleGraph | None = None) -> str:
     spec = family.stage(stage)
-    return node_code([module_of(spec.export), module_of(spec.contract), LOADER], [family_module], graph)
+    return node_code([module_of(spec.export), module_of(spec.contract), LOADER, STAGE_LOADER], [family_module], graph)
 
 
 def transform_code(precision: str, graph: ModuleGraph | None = None) -> str:

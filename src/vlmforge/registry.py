@@ -26,9 +26,9 @@ __all__ = ["STAGES", "FamilySpec", "RegistryError", "StageSpec", "families", "fa
 # Hook name -> how many positional arguments the build passes it.
 HOOK_ARITY = {"check_image_size": 2, "check_checkpoint_config": 2, "deepstack_layers": 1, "write_fixture": 1,
               "reference_vision": 3, "deepstack_off": 1,
-              "write_bench_checkpoint": 3}
+              "write_bench_checkpoint": 3, "checkpoint_name": 1}
 STAGE_ARITY = {"contract": 2, "export": 3}
-OPTIONAL_HOOKS = ("deepstack_off", "write_bench_checkpoint")
+OPTIONAL_HOOKS = ("deepstack_off", "write_bench_checkpoint", "checkpoint_name")
 
 
 class RegistryError(RuntimeError):

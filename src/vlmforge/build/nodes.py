@@ -20,6 +20,7 @@ from vlmforge.build.publish_dir import VALIDATION_FILE, park_failed
 from vlmforge.config import to_dict
 from vlmforge.core.errors import ValidationFailed
 from vlmforge.core.hashing import sha256_file
+from vlmforge.loading import stage_model
 from vlmforge.registry import STAGES
 from vlmforge.source import TOKENIZER_FILES, checkpoint_file
 from vlmforge.transforms import TRANSFORMS
@@ -48,10 +49,11 @@ def stage_options(stage: str, options: StageOptions) -> StageOptions:
 # -- graphs ----------------------------------------------------------------------------------------------------------
 def export(b, node, folder: Path) -> dict:
     stage = node.stage
-    model = b.model(f"the {stage} export")
     log.info("%s: exporting", node.label)
     t = time.perf_counter()
-    with b.progress.step(f"{stage}: exporting"):
+    # Only the stage's weights, freed after it (vlmforge.loading); a model already loaded whole is used as it is.
+    with b.progress.step(f"{stage}: exporting"), stage_model(
+            b.source, b.hf_config, stage, b.cfg.model.load_dtype, b._model) as model:
         b.family.stage(stage).export(model, stage_options(stage, b.options), folder / f"{stage}.onnx")
     b.timings[node.timing] = time.perf_counter() - t
     return {"contract": b.contracts[stage].to_json()}

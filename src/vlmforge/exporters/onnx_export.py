@@ -69,11 +69,16 @@ def export_module(
                 where=str(out_path),
                 fix="this is a vlmforge bug for supported checkpoints; re-run with -v and report the log",
             ) from exc
-        model = onnx.load(str(tmp_file), load_external_data=True)
+        # The structure only (a few MB at any size): names and dims are fixed on it, and the weights are
+        # copied from the exporter's data file into `<stage>.onnx.data` one tensor at a time, in the layout
+        # `save_model` gives a loaded model (same bytes), never as one in-memory proto.
+        from vlmforge.transforms.external import load_structure, save_like_onnx
+
+        model = load_structure(tmp_file)
         if contract is not None:
             _check_input_names(model, contract, out_path)
             stamp_contract_dims(model, contract)
-        save_model(model, out_path)
+        save_like_onnx(normalize_model(model), tmp_file, out_path, EXTERNAL_DATA_THRESHOLD)
     return out_path
 
 

@@ -79,6 +79,12 @@ class FamilySpec:
     # hf_model -> context manager running the HF model without DeepStack (families that have it)
     deepstack_off: Callable[[Any], Any] | None = None
     stages: dict[str, StageSpec] = field(default_factory=dict)
+    # stage -> the prefixes of the HF model's parameter names the stage's export reads (vlmforge.loading
+    # materialises only those); a stage not listed reads the whole model
+    stage_weights: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # transformers' parameter name -> the name the family's hub checkpoints store it under, when they predate
+    # transformers' layout (None: the same names)
+    checkpoint_name: Callable[[str], str] | None = None
 
     def stage(self, name: str) -> StageSpec:
         if name not in self.stages:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from vlmforge.exporters.onnx_export import save_model
+from vlmforge.exporters.onnx_export import normalize_model, save_model
 from vlmforge.transforms.external import external_tensors, load_structure, save_structure, stream_external
 from vlmforge.transforms.graph import topological_sort, upstream_nodes
 
@@ -67,7 +67,7 @@ def cast_fp16(src: Path, dst: Path, *, fp16_io: bool = False) -> dict:
         cast = {t.name for t in external_tensors(converted)
                 if external.get(t.name) == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16}
         stream_external(converted, Path(src), Path(dst), cast)
-        save_structure(converted, Path(dst))
+        save_structure(normalize_model(converted), Path(dst))
     else:
         save_model(converted, Path(dst))
     kept = sorted({n.op_type for n in model.graph.node if n.op_type in FP32_OPS})

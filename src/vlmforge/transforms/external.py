@@ -101,9 +101,108 @@ def _copy(fh, out, length: int, cast, name: str, src: Path) -> None:
 
 
 def save_structure(model: onnx.ModelProto, dst: Path) -> Path:
-    """Save a graph whose large tensors already point into `<dst>.data` (the protobuf stays small)."""
-    from vlmforge.exporters.onnx_export import normalize_model
-
-    normalize_model(model)
+    """Save a graph whose large tensors already point into `<dst>.data` (the protobuf stays small). The
+    caller normalises it first (exporters.onnx_export.normalize_model: transforms import exporters, never
+    the other way round)."""
     onnx.save_model(model, str(dst))
     return Path(dst)
+
+
+def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int) -> Path:
+    """Write `model` to `dst` exactly as `exporters.onnx_export.save_model` would after loading every
+    external tensor, without loading them: tensors whose bytes are still in `src`'s data files are read and
+    written one at a time (a chunk at a time), tensors held in memory (`raw_data`) are written as they are.
+
+    The layout is onnx's own (`onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True,
+    size_threshold=1024)`): initializers in onnx's walk order, each at the end of `<dst>.data` with no padding,
+    external when their bytes number at least 1024 - 33 (onnx compares `sys.getsizeof(raw_data)`), inline
+    otherwise; every weight inline when the initializers together weigh `threshold` bytes or less.
+    The caller normalises the model first (exporters.onnx_export.normalize_model), as save_model does."""
+    from onnx.external_data_helper import _get_initializer_tensors  # the order onnx.save_model writes in
+
+    dst = Path(dst)
+    data_path = dst.with_name(dst.name + ".data")
+    if data_path.exists():
+        data_path.unlink()
+    tensors = list(_get_initializer_tensors(model))
+    total = sum(_nbytes(t, src) for t in model.graph.initializer)  # save_model counts the main graph's
+    if total <= threshold:  # small: everything inline, as onnx.save_model(model) writes it
+        for t in external_tensors(model):
+            _inline(t, src)
+        onnx.save_model(model, str(dst))
+        return dst
+    for t in external_tensors(model):  # attribute tensors are never external in our graphs: inline them
+        if not any(t is u for u in tensors):
+            _inline(t, src)
+    handles: dict[Path, object] = {}
+    try:
+        with open(data_path, "wb") as out:
+            for t in tensors:
+                size = _nbytes(t, src)
+                external = uses_external_data(t)
+                if not (external or t.HasField("raw_data")) or size + 33 < 1024:
+                    if external:
+                        _inline(t, src)
+                    continue
+                start = out.tell()
+                if external:
+                    file, offset, _ = external_file(src, t)
+                    fh = handles.get(file) or handles.setdefault(file, open(file, "rb"))
+                    fh.seek(offset)
+                    _copy(fh, out, size, None, t.name, src)
+                else:
+                    out.write(t.raw_data)
+                    t.ClearField("raw_data")
+                _point_at(t, data_path.name, start, out.tell() - start)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    onnx.save_model(model, str(dst))
+    return dst
+
+
+def _nbytes(t: onnx.TensorProto, src: Path) -> int:
+    """Bytes of a tensor's data: its raw_data, its external length, or element size x elements."""
+    if uses_external_data(t):
+        file, offset, length = external_file(src, t)
+        return length if length is not None else file.stat().st_size - offset
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = 1
+    for d in t.dims:
+        n *= d
+    return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * n
+
+
+def _inline(t: onnx.TensorProto, src: Path) -> None:
+    """Read an external tensor's bytes into raw_data (as onnx.load(load_external_data=True) leaves it)."""
+    file, offset, length = external_file(src, t)
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read() if length is None else fh.read(length)
+    if length is not None and len(data) != length:
+        raise ArtifactError(f"external data of tensor {t.name!r} is truncated ({file.name})", where=str(src), fix=_FIX)
+    t.raw_data = data
+    t.data_location = onnx.TensorProto.DEFAULT
+    del t.external_data[:]
+
+
+def read_array(t: onnx.TensorProto, base: Path):
+    """A tensor as a numpy array, its external bytes read (once, by offset) from the data file beside `base`,
+    without changing the tensor (it stays a reference)."""
+    from onnx import numpy_helper
+
+    if not uses_external_data(t):
+        return numpy_helper.to_array(t)
+    file, offset, length = external_file(base, t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    n = 1
+    for d in t.dims:
+        n *= d
+    count = n if length is None else length // dtype.itemsize
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        data = np.fromfile(fh, dtype=dtype, count=count)
+    if data.size != n:
+        raise ArtifactError(f"external data of tensor {t.name!r} is truncated ({file.name})", where=str(base), fix=_FIX)
+    return data.reshape(tuple(t.dims))

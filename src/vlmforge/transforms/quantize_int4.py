@@ -8,13 +8,16 @@ handed to the quantizer (which otherwise pads or crashes inside the library).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 
 from vlmforge.core.errors import RecipeError
-from vlmforge.exporters.onnx_export import save_model
-from vlmforge.transforms.graph import initializer_shapes, load_graph, weight_matmuls
+from vlmforge.exporters import onnx_export
+from vlmforge.exporters.onnx_export import normalize_model
+from vlmforge.transforms.external import load_structure, read_array, save_like_onnx
+from vlmforge.transforms.graph import weight_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,41 @@ def _lm_head(model: onnx.ModelProto, vocab: int | None) -> set[str]:
 
 
 def quantize_int4(src: Path, dst: Path, cfg, *, vocab: int | None = None, stage: str = "decoder") -> dict:
+    """Quantize `src` to `dst` one weight at a time: the graph structure is loaded without its weights,
+    each weight is read from the FP32 data file when the quantizer reaches it, and the output is written
+    tensor by tensor (transforms.external.save_like_onnx). Memory: the INT4 tensors (1/8 of the FP32
+    bytes) and one FP32 weight, never the FP32 graph; the bytes are those of quantizing the loaded graph."""
+    model = load_structure(src)
+    with _weights_from(Path(src)):
+        out, excluded = quantize_model(model, cfg, vocab)
+    # Quantized tensors are in memory, the others still in the FP32 data file.
+    save_like_onnx(normalize_model(out), Path(src), Path(dst), onnx_export.EXTERNAL_DATA_THRESHOLD)
+    quantized = sorted(n.name for n in out.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    gathers = [n.name for n in out.graph.node if n.op_type == "GatherBlockQuantized"]
+    return {
+        "transform": "quantize_int4",
+        "stage": stage,
+        "algorithm": cfg.algorithm,
+        "block_size": cfg.block_size,
+        "symmetric": cfg.symmetric if cfg.algorithm == "default" else False,
+        "accuracy_level": cfg.accuracy_level,
+        "quantize_lm_head": cfg.quantize_lm_head,
+        "quantize_embedding": cfg.quantize_embedding,
+        "quantized_nodes": len(quantized),
+        "embedding_tables_quantized": len(gathers),
+        "kept_float": dict(sorted(excluded.items())),
+    }
+
+
+def quantize_model(model: onnx.ModelProto, cfg, vocab: int | None) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """onnxruntime's MatMulNBits quantizer over `model` as the recipe declares it; returns the quantized
+    model and the weights kept float, with why."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    model = load_graph(src)
     candidates = weight_matmuls(model)
     lm_head = _lm_head(model, vocab)
     excluded = {n.name: "lm_head kept float (precision.int4.quantize_lm_head=false)" for n, _ in candidates
@@ -73,19 +104,32 @@ def quantize_int4(src: Path, dst: Path, cfg, *, vocab: int | None = None, stage:
         for node in out.graph.node:  # HQQ's config has no accuracy_level; set the declared one on every node
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", cfg.accuracy_level))
-    save_model(out, Path(dst))
-    quantized = sorted(n.name for n in out.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
-    gathers = [n.name for n in out.graph.node if n.op_type == "GatherBlockQuantized"]
-    return {
-        "transform": "quantize_int4",
-        "stage": stage,
-        "algorithm": cfg.algorithm,
-        "block_size": cfg.block_size,
-        "symmetric": cfg.symmetric if cfg.algorithm == "default" else False,
-        "accuracy_level": cfg.accuracy_level,
-        "quantize_lm_head": cfg.quantize_lm_head,
-        "quantize_embedding": cfg.quantize_embedding,
-        "quantized_nodes": len(quantized),
-        "embedding_tables_quantized": len(gathers),
-        "kept_float": dict(sorted(excluded.items())),
-    }
+    return out, excluded
+
+
+@contextmanager
+def _weights_from(src: Path):
+    """Scoped patch: the quantizer reads each weight with `onnx_ir.from_proto(t).numpy()` (MatMul) or
+    `onnx.numpy_helper.to_array(t)` (HQQ, Gather), which for an external tensor resolve its file against the
+    working directory (and onnx refuses the cache's hardlinked files). Read external tensors from `src`'s
+    own folder instead, by offset, one at a time, leaving the tensor a reference: the FP32 weights are never
+    all in memory, only the one being quantized."""
+    import onnx_ir
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from_proto, to_array = onnx_ir.from_proto, numpy_helper.to_array
+
+    def _from_proto(proto, *args, **kwargs):
+        if isinstance(proto, onnx.TensorProto) and uses_external_data(proto):
+            return onnx_ir.tensor(read_array(proto, src), name=proto.name)
+        return from_proto(proto, *args, **kwargs)
+
+    def _to_array(tensor, *args, **kwargs):
+        return read_array(tensor, src) if uses_external_data(tensor) else to_array(tensor, *args, **kwargs)
+
+    onnx_ir.from_proto, numpy_helper.to_array = _from_proto, _to_array
+    try:
+        yield
+    finally:
+        onnx_ir.from_proto, numpy_helper.to_array = from_proto, to_array

@@ -1,0 +1,176 @@
+"""Per-stage model materialisation: the HF model built on the meta device, with only the parameters one
+stage needs read from the safetensors shards and cast per tensor, freed when the stage is done.
+
+Why: `from_pretrained` at FP32 holds the whole model (15 GB for a 3B) through every export, and each export
+adds its own copies on top. A stage needs only its part: the vision tower, the embedding table, or the
+decoder layers with the final norm and the head. The family names which parameter prefixes a stage reads
+(`FamilySpec.stage_weights`) and how the hub names a parameter when its checkpoints predate transformers 5's
+layout (`FamilySpec.checkpoint_name`); nothing here knows a family.
+
+The model is constructed exactly as `_from_config` builds it (same modules, same computed buffers such as
+the rotary frequencies, which stay real), except that every parameter lands on the meta device as it is
+registered, so construction allocates nothing. Linear weights are kept transposed in memory and handed to the
+model as transpose views: torch.onnx folds a decoder MatMul's `Transpose(weight)` into a NumPy view of that
+buffer instead of a copy, so the exporter holds each decoder weight once, not twice (the graph's bytes are
+the same: only the strides differ, and the exporter writes values). Tied parameters (a tied LM head) are one tensor, read once
+under any of their names. Reads use safetensors only, from the files `source.open_source` checked (headers,
+sizes, hashes); a tensor missing, duplicated across files or of another shape is a CheckpointError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+from collections import defaultdict
+from typing import Iterator
+
+from vlmforge.core.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def stage_model(source, hf_config, stage: str, dtype: str = "float32", loaded=None) -> Iterator:
+    """The HF model with the parameters `stage` needs materialised (as `dtype`), the rest on meta; its
+    weights are released on exit. `loaded`: a whole model already in memory, used as it is."""
+    if loaded is not None:
+        yield loaded
+        return
+    model = meta_model(source, hf_config, dtype)
+    prefixes = (source.family.stage_weights or {}).get(stage)  # None: the family did not say, so everything
+    names = materialise(model, source, prefixes, dtype)
+    log.info("%s: %d tensors materialised from the checkpoint", stage, len(names))
+    try:
+        yield model
+    finally:
+        release(model, names)
+        del model
+        gc.collect()
+
+
+def meta_model(source, hf_config, dtype: str = "float32"):
+    """The model of `hf_config` (copied: construction writes into its config), parameters on meta."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, source.family.hf_class)
+    with _parameters_on_meta():
+        model = cls._from_config(copy.deepcopy(hf_config), dtype=getattr(torch, dtype), attn_implementation="eager")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered in the scope is replaced by a meta tensor of its shape and dtype, so its
+    (never touched) CPU allocation is freed at once and initialisers run on nothing. Buffers stay real."""
+    import torch
+
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.detach().to("meta"),
+                                                          requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "float32") -> list[str]:
+    """Read every parameter of `model` under `prefixes` (all of them when None) from the checkpoint's
+    safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included)."""
+    import torch
+    from safetensors import safe_open
+
+    index = tensor_index(source)
+    rename = source.family.checkpoint_name or (lambda n: n)
+    groups: dict[int, list[str]] = defaultdict(list)
+    params = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+        params[name] = p
+    wanted: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)  # file -> [(key, names)]
+    for names in groups.values():
+        if prefixes is not None and not any(n.startswith(tuple(prefixes)) for n in names):
+            continue
+        key = next((k for n in names for k in (n, rename(n)) if k in index), None)
+        if key is None:
+            raise CheckpointError(f"the checkpoint has no tensor for parameter {names[0]!r}"
+                                  + (f" (looked for {sorted({rename(n) for n in names} | set(names))})"),
+                                  where=str(source.path), fix="use the complete checkpoint this config belongs to")
+        wanted[index[key]].append((key, names))
+    target = getattr(torch, dtype)
+    done: list[str] = []
+    for file, items in sorted(wanted.items()):
+        with safe_open(str(file), framework="pt") as fh:
+            for key, names in items:
+                tensor = fh.get_tensor(key)
+                want = tuple(params[names[0]].shape)
+                if tuple(tensor.shape) != want:
+                    raise CheckpointError(f"tensor {key!r} has shape {list(tensor.shape)}, the model needs "
+                                          f"{list(want)}", where=str(file),
+                                          fix="use the config.json that came with these weights")
+                if len(want) == 2 and _linear_weight(model, names, prefixes):
+                    # Stored transposed ([in, out]) and handed over as its transpose view: the exporter folds
+                    # the MatMul's Transpose(weight) into a view of this buffer, not a second copy (same bytes).
+                    buf = torch.empty(want[::-1], dtype=target)
+                    buf.copy_(tensor.t())
+                    param = torch.nn.Parameter(buf.t(), requires_grad=False)
+                else:
+                    param = torch.nn.Parameter(tensor.to(target), requires_grad=False)
+                del tensor
+                for n in names:
+                    _set(model, n, param)
+                done += names
+    return done
+
+
+def _linear_weight(model, names: list[str], prefixes) -> bool:
+    """Whether every name of the parameter the stage reads is the `weight` of an nn.Linear."""
+    import torch
+
+    mine = [n for n in names if prefixes is None or n.startswith(tuple(prefixes))]
+    return all(n.endswith(".weight") and isinstance(model.get_submodule(n.rpartition(".")[0]), torch.nn.Linear)
+               for n in mine)
+
+
+def release(model, names: list[str]) -> None:
+    """Put the named parameters back on meta: their memory is freed even if something still holds the model."""
+    import torch
+
+    for n in names:
+        module_name, _, leaf = n.rpartition(".")
+        module = model.get_submodule(module_name)
+        p = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                      requires_grad=False)
+
+
+def _set(model, name: str, param) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[leaf] = param
+
+
+def tensor_index(source) -> dict:
+    """{tensor name: safetensors file} over the checkpoint's weight files (checked by open_source)."""
+    from safetensors import safe_open
+
+    from vlmforge.source import checkpoint_file
+
+    index: dict = {}
+    for name in sorted(source.weight_files):
+        file = checkpoint_file(source.path, name, f"checkpoint file {name}")
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                if key in index:
+                    raise CheckpointError(f"tensor {key!r} is in both {index[key].name} and {name}",
+                                          where=str(source.path),
+                                          fix="use the checkpoint's own shards (one file per tensor)")
+                index[key] = file
+    return index

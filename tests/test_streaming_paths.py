@@ -1,0 +1,179 @@
+"""The bounded-memory paths give the bytes of the in-memory ones, at small size.
+
+- the export's save (`transforms.external.save_like_onnx`): the structure plus the exporter's data file, one
+  tensor at a time -> the same `.onnx` and `.onnx.data` as loading every weight and `save_model`;
+- the INT4 quantizer reading one weight at a time from the FP32 data file -> the same bytes as quantizing
+  the loaded graph (default symmetric and asymmetric, HQQ, the embedding Gather, an lm_head kept float);
+- the per-stage loader (`vlmforge.loading`) -> exactly the weights `from_pretrained` gives, for the stage's
+  parameters only, from the checkpoint's own names or the hub's legacy names.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from vlmforge.exporters import onnx_export
+from vlmforge.transforms.external import load_structure, save_like_onnx
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.name.startswith(path.name)}
+
+
+def _export_torch(tmp: Path) -> Path:
+    """A torch.onnx (dynamo) export with external data: large weights, a small bias, a constant."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).eval()
+    out = tmp / "model.onnx"
+    torch.onnx.export(model, (torch.randn(2, 64),), str(out), dynamo=True, external_data=True, optimize=True,
+                      opset_version=18, input_names=["x"], output_names=["y"])
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 30])
+def test_save_like_onnx_writes_the_bytes_of_load_and_save_model(tmp_path, monkeypatch, threshold):
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", threshold)
+    src = _export_torch(tmp_path)
+    old, new = tmp_path / "old" / "stage.onnx", tmp_path / "new" / "stage.onnx"
+    old.parent.mkdir(), new.parent.mkdir()
+    onnx_export.save_model(onnx.load(str(src), load_external_data=True), old)
+    save_like_onnx(onnx_export.normalize_model(load_structure(src)), src, new, threshold)
+    want, got = _files(old), _files(new)
+    assert list(got) == list(want) == (["stage.onnx", "stage.onnx.data"] if threshold == 0 else ["stage.onnx"])
+    assert got == want
+    if threshold == 0:  # both kinds of tensor occur: written to the data file, and kept inline (< 991 bytes)
+        m = onnx.load(str(new), load_external_data=False)
+        kinds = {t.data_location for t in m.graph.initializer}
+        assert kinds == {TensorProto.DEFAULT, TensorProto.EXTERNAL}
+
+
+def _int4_graph(out: Path) -> Path:
+    """Two MatMuls (one with N = vocab: the lm_head), a K not a multiple of the block, an embedding Gather."""
+    rng = np.random.default_rng(0)
+    vocab, dim = 96, 64
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "embed"),
+             numpy_helper.from_array(rng.standard_normal((dim, dim)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((dim, 48)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((48, 48)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal((dim, vocab)).astype(np.float32), "head")]
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["e"], name="gather", axis=0),
+             helper.make_node("MatMul", ["e", "w0"], ["h0"], name="mm0"),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="mm1"),
+             helper.make_node("MatMul", ["h1", "w2"], ["h2"], name="mm2"),
+             helper.make_node("MatMul", ["h0", "head"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab]),
+                               helper.make_tensor_value_info("h2", TensorProto.FLOAT, ["b", "s", 48])], inits)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_export.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), out)
+    return out
+
+
+CONFIGS = [
+    dict(algorithm="default", block_size=32, symmetric=True, accuracy_level=4, quantize_lm_head=True,
+         quantize_embedding=False),
+    dict(algorithm="default", block_size=32, symmetric=False, accuracy_level=0, quantize_lm_head=False,
+         quantize_embedding=True),
+    dict(algorithm="hqq", block_size=32, symmetric=False, accuracy_level=4, quantize_lm_head=True,
+         quantize_embedding=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["default-sym", "default-asym-gather", "hqq"])
+@pytest.mark.parametrize("threshold", [0, 1 << 30], ids=["external", "inline"])
+def test_streaming_int4_writes_the_bytes_of_the_in_memory_quantizer(tmp_path, monkeypatch, cfg, threshold):
+    from vlmforge.transforms.graph import load_graph
+    from vlmforge.transforms.quantize_int4 import quantize_int4, quantize_model
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", threshold)
+    cfg = SimpleNamespace(**cfg)
+    src = _int4_graph(tmp_path / "fp32" / "decoder.onnx")
+    assert (src.with_name("decoder.onnx.data").exists()) == (threshold == 0)
+    old, new = tmp_path / "old" / "decoder.onnx", tmp_path / "new" / "decoder.onnx"
+    old.parent.mkdir(), new.parent.mkdir()
+    out, _ = quantize_model(load_graph(src), cfg, 96)  # the whole graph in memory: what the build did before
+    onnx_export.save_model(out, old)
+    record = quantize_int4(src, new, cfg, vocab=96)
+    assert record["quantized_nodes"] >= 2 and "mm2" in record["kept_float"]
+    assert ("lm_head" in record["kept_float"]) == (not cfg.quantize_lm_head)
+    assert record["embedding_tables_quantized"] == int(cfg.quantize_embedding)
+    assert _files(new) == _files(old)
+
+
+def _source(checkpoint: str, family: str, cache: Path):
+    from vlmforge.build import load_hf_config
+    from vlmforge.source import open_source
+
+    src = open_source(checkpoint, family, None, cache, "test")
+    return src, load_hf_config(src)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_stage_loader_gives_the_weights_of_from_pretrained_for_the_stage_only(family, cache):
+    from vlmforge.loading import stage_model
+    from vlmforge.source import load_model
+
+    src, cfg = _source(f"fixture:{family}", family, cache)
+    whole = load_model(src)
+    want = dict(whole.named_parameters(remove_duplicate=False))
+    buffers = dict(whole.named_buffers())
+    covered = set()
+    for stage in ("vision", "embedding", "decoder"):
+        prefixes = src.family.stage_weights[stage]
+        with stage_model(src, cfg, stage) as model:
+            got = dict(model.named_parameters(remove_duplicate=False))
+            assert set(got) == set(want)
+            real = {n for n, p in got.items() if p.device.type != "meta"}
+            assert real
+            assert {n for n in want if n.startswith(prefixes)} <= real
+            for n in real:
+                assert got[n].dtype == torch.float32 and torch.equal(got[n], want[n]), n
+            for n, b in model.named_buffers():  # computed buffers (rotary frequencies) as from_pretrained has them
+                assert torch.equal(b, buffers[n]), n
+            tied = [n for n in real if not n.startswith(prefixes)]  # only aliases of a tied parameter
+            assert all(any(got[n] is got[m] for m in real if m.startswith(prefixes)) for n in tied)
+            covered |= real
+        assert all(p.device.type == "meta" for n, p in model.named_parameters() if n in real)  # released
+    assert covered == set(want)  # the three stages together read the whole checkpoint
+
+
+def test_stage_loader_reads_the_hub_legacy_names_and_refuses_a_missing_tensor(cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmforge.core.errors import CheckpointError
+    from vlmforge.loading import stage_model
+
+    src, cfg = _source("fixture:qwen2_5_vl", "qwen2_5_vl", cache)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(src.path, legacy)
+    renamed = {}
+    for f in legacy.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        renamed.update({src.family.checkpoint_name(k): v for k, v in tensors.items()})
+        f.unlink()
+    assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
+    save_file(renamed, str(legacy / "model.safetensors"))
+    lsrc, lcfg = _source(str(legacy), "qwen2_5_vl", cache)
+    with stage_model(src, cfg, "decoder") as a, stage_model(lsrc, lcfg, "decoder") as b:
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        assert all(torch.equal(pa[n], pb[n]) for n in pa if pa[n].device.type != "meta")
+    del renamed["model.norm.weight"]
+    save_file(renamed, str(legacy / "model.safetensors"))
+    lsrc, lcfg = _source(str(legacy), "qwen2_5_vl", cache)
+    with pytest.raises(CheckpointError, match="no tensor for parameter 'model.language_model.norm.weight'"):
+        with stage_model(lsrc, lcfg, "decoder"):
+            pass
+    with stage_model(lsrc, lcfg, "vision") as model:  # a stage that does not read it is not affected
+        assert model.model.visual.blocks[0].attn.qkv.weight.device.type == "cpu"
