@@ -147,6 +147,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.status: dict[str, str] = {}
         self._model = None
+        self.model_loaded = False
         self.hf_config = load_hf_config(source, cfg.model.trust_remote_code)
         family.check_checkpoint_config(self.hf_config, str(source.path / "config.json"))
         self.parameters = check_model_size(source, self.hf_config)
@@ -188,7 +189,14 @@ class _Run:
             with self.progress.step("loading the PyTorch model"):
                 self._model = load_model(self.source, self.cfg.model.trust_remote_code, self.cfg.model.load_dtype)
             self.timings["load_model"] = time.perf_counter() - t
+            self.model_loaded = True
         return self._model
+
+    def take_model(self):
+        """The model, handed over: the build keeps no reference, so the validation frees it after its
+        reference pass (a later export would load it again)."""
+        model, self._model = self.model("validation"), None
+        return model
 
     # -- the build --------------------------------------------------------------------------------------------------
     def execute(self) -> BuildReport:
@@ -234,7 +242,7 @@ class _Run:
             raise
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
-        return BuildReport(final, True, checks, self.timings, dict(self.status), self._model is not None)
+        return BuildReport(final, True, checks, self.timings, dict(self.status), self.model_loaded)
 
     def _stage(self, stage: str) -> dict | None:
         """Put `stage` into staging; return its transform record (None for FP32)."""
@@ -314,10 +322,9 @@ class _Run:
             return self.cached_checks
         transformed = any(p != "fp32" for p in self.precision.values())
         t = time.perf_counter()
-        model = self.model("validation")
         with self.progress.step("validating against PyTorch"):
-            checks, variant = _validate(self.cfg, self.family, self.staging, contracts, params, self.deepstack, model,
-                                        self.source.path, self.scratch if transformed else None)
+            checks, variant = _validate(self.cfg, self.family, self.staging, contracts, params, self.deepstack,
+                                        self.take_model, self.source.path, self.scratch if transformed else None, self.hf_config)
         self.timings["validate"] = time.perf_counter() - t
         self.status["validation"] = "built"
         if all(c.passed for c in checks):  # a failure is never cached: the next run checks again
@@ -354,14 +361,15 @@ def load_hf_config(source, trust_remote_code: bool = False):
         ) from exc
 
 
-def _validate(cfg, family, staging, contracts, params, deepstack, model, source_path, fp32_dir):
+def _validate(cfg, family, staging, contracts, params, deepstack, load_model, source_path, fp32_dir, hf_config):
+    """`load_model()` hands over the PyTorch model; the suite frees it after its reference pass."""
     from vlmforge.validators.suite import SuiteInputs, run_suite
 
     precisions = {s: getattr(cfg.precision, s) for s in STAGES}
-    dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
+    dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(hf_config) > 0
     inp = SuiteInputs(family.key, staging, contracts, precisions, params, deepstack, tuple(cfg.target.providers),
                       deepstack_off=family.deepstack_off if dropped else None, fp32_directory=fp32_dir)
-    result = run_suite(inp, model, source_path, cfg.validate, validation_images(cfg.validate))
+    result = run_suite(inp, load_model, source_path, cfg.validate, validation_images(cfg.validate))
     return result.checks, result.variant
 
 
