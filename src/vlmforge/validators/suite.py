@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -77,6 +78,7 @@ class References:
     chain: list[dict]
     task: list[str] | None = None
     deviation: list[dict] = field(default_factory=list)  # DeepStack on, per image (a `deepstack: drop` variant)
+    same_weights: dict = field(default_factory=dict)  # INT4 stages: PyTorch with the graphs' dequantized weights
 
 
 def run_suite(inp: SuiteInputs, load_model: Callable[[], Any], source_path: Path, vcfg, images) -> SuiteResult:
@@ -110,6 +112,9 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
             refs = _references(inp, ref, vcfg, images)
         if inp.deepstack_off:
             refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
+        if inp.fp32_directory is not None and "int4" in inp.precisions.values():  # last: it changes the weights
+            with (inp.deepstack_off(ref.model) if inp.deepstack_off else contextlib.nullcontext()):
+                refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
     finally:
         ref.release()
         gc.collect()
@@ -135,6 +140,47 @@ def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
     return References(pre, vision, embedding, decoder, wants, task)
 
 
+def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
+    """The INT4 stages' dequantized weights loaded into the model (in place: the model is freed after this),
+    then the vision and decoder references again (validators/same_weights.py)."""
+    from vlmforge.validators.same_weights import load_into
+
+    out: dict = {"loaded": {}}
+    for stage in (s for s, p in inp.precisions.items() if p == "int4"):
+        out["loaded"][stage] = load_into(ref.model, inp.fp32_directory / f"{stage}.onnx", inp.directory / f"{stage}.onnx")
+    log.info("reference: PyTorch with the INT4 graphs' weights (%s)", ", ".join(out["loaded"]))
+    vision = parity.reference_vision(ref, images[:1])
+    if inp.precisions["vision"] == "int4":
+        out["vision"] = vision
+    if inp.precisions["decoder"] == "int4":
+        out["decoder"] = parity.reference_decoder(ref, vision[0], inp.deepstack, vcfg.decode_steps)
+    return out
+
+
+def _same_weight_checks(engine, inp: SuiteInputs, refs: References, vcfg, stage: str) -> list[CheckResult]:
+    """An INT4 graph against PyTorch running its own (dequantized) weights: kind "graph", on any weights."""
+    from vlmforge.validators.metrics import gate
+    from vlmforge.validators.results import at_least, at_most
+
+    sw = refs.same_weights
+    if stage not in sw.get("loaded", {}):
+        return []
+    replaced, unmatched, steps = sw["loaded"][stage]
+    tol = tolerance(vcfg.tolerances, stage, "int4_weights")
+    found = [at_most(stage, "INT4 weights found in the PyTorch model", "unmatched_weights", len(unmatched), 0,
+                     detail=f"{replaced} loaded; unmatched: {', '.join(unmatched[:5]) or 'none'}"),
+             at_least(stage, "INT4 weights found in the PyTorch model", "loaded_weights", replaced, 1)]
+    found += gate(stage, "dequantized INT4 weights vs FP32 weights", {"max_step_error": steps},
+                  {k: v for k, v in tol.items() if k == "max_step_error"})
+    if stage == "vision":
+        checks = parity.check_vision(engine, sw["vision"], tol, inp.deepstack)
+    elif stage == "decoder":
+        checks = parity.check_decoder(engine, sw["decoder"], tol)
+    else:
+        checks = []
+    return found + [dataclasses.replace(c, name=f"{c.name}, PyTorch with the graph's INT4 weights") for c in checks]
+
+
 def _chain_cases(vcfg, images) -> list[tuple[str, str, list]]:
     return [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
 
@@ -151,12 +197,14 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     log.info("graph pass: vision")
     results += parity.check_vision(engine.keep("vision"), refs.vision, tol("vision"), inp.deepstack)
     versus += _versus(engine, base, inp, vcfg, "vision")
+    same = _same_weight_checks(engine, inp, refs, vcfg, "vision")
     log.info("graph pass: embedding")
     results += parity.check_embedding(engine.keep("embedding"), refs.embedding, tol("embedding"), inp.deepstack)
     versus += _versus(engine, base, inp, vcfg, "embedding")
     log.info("graph pass: decoder")
     results += parity.check_decoder(engine.keep("decoder"), refs.decoder, tol("decoder"))
     versus += _versus(engine, base, inp, vcfg, "decoder")
+    same += _same_weight_checks(engine, inp, refs, vcfg, "decoder")
     log.info("graph pass: the chain against HF generate (%d tokens)", vcfg.chain_tokens)
     results += chain.check_chain(engine, ref, _chain_cases(vcfg, images), refs.chain, vcfg.chain_tokens,
                                  tolerance(vcfg.tolerances, "chain", worst))
@@ -168,7 +216,22 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     variant = _deepstack_drop_deviation(engine, ref, vcfg, images, refs.deviation) if inp.deepstack_off else {}
     engine.close()
     log.info("graph pass done in %.1f s", time.perf_counter() - t)
-    return results + versus, variant
+    return kinds(results + versus, inp) + same, variant
+
+
+def kinds(checks: list[CheckResult], inp: SuiteInputs) -> list[CheckResult]:
+    """Which question each check answers: "graph" (is the graph right: the weights on both sides are the
+    same, so it holds on any weights) or "quality" (how far a transformed graph is from FP32: meaningful on
+    trained weights only, a sanity bound on random ones). Task accuracy is always "quality"."""
+    transformed = {s for s, p in inp.precisions.items() if p != "fp32"}
+    worst = max(inp.precisions.values(), key=PRECISION_ORDER.index)
+
+    def kind(c: CheckResult) -> str:
+        if c.stage == "task" or c.stage in transformed or (c.stage == "chain" and worst != "fp32"):
+            return "quality"
+        return "graph"
+
+    return [dataclasses.replace(c, kind=kind(c)) for c in checks]
 
 
 def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
