@@ -121,6 +121,7 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool 
                          f"{recipe}: model.checkpoint")
     run = _Run(cfg, family, source, final, image_size, StageCache(Path(cfg.cache_dir), force), progress or QUIET)
     run.timings["load"] = time.perf_counter() - t0
+    run.check_plan(recipe)
     report = run.execute()
     report.seconds["total"] = time.perf_counter() - t0
     _write_build_log(report.directory, report.seconds, report.cache)
@@ -180,6 +181,16 @@ class _Run:
         except OSError:
             same = True
         return one * (2 if same else 1)
+
+    def check_plan(self, recipe: str) -> None:
+        from vlmforge.launch.plan import check_plan, make_plan
+
+        cached = lambda stage, key: not self.cache.force and (self.cache.slot(self.family.key, stage) / key).is_dir()  # noqa: E731
+        needs_model = not all(cached(s, self.export_key[s]) for s in STAGES) or (
+            self.cfg.validate.enabled and not cached("validation", self.validation_key))
+        plan = make_plan(self.parameters, self.precision, self.cfg.validate.enabled, needs_model, self.bytes_needed(),
+                         self.final.parent)
+        check_plan(plan, f"{recipe}: model.checkpoint={self.cfg.model.checkpoint}", self.cfg.memory_check)
 
     # -- the model, on demand ---------------------------------------------------------------------------------------
     def model(self, why: str):
@@ -457,7 +468,7 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         "family": family_key,
         "source": {"checkpoint": cfg.model.checkpoint, "revision": cfg.model.revision, "weights": source.weight_files,
                    "config_sha256": source_config_sha256(source.path)},
-        "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir")},  # where it ran is not what it is
+        "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir", "memory_check")},  # where it ran is not what it is
         "toolchain": toolchain(),
         "components": comps,
         "files": hash_files(staging),

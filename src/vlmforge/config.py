@@ -84,6 +84,7 @@ class BuildConfig:
     out_dir: str = "artifacts"
     cache_dir: str = ".work"
     name: Optional[str] = None  # artifact dir name under out_dir/<model.name>/; default <precision>-<size>
+    memory_check: bool = True  # refuse a build the machine cannot hold (launch/plan.py); false: warn and go on
 
 
 def register_schema() -> None:
