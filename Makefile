@@ -20,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MATRIX  ?= default
 FORCE_FLAG := $(if $(FORCE),--force,)
 
-.PHONY: help venv test export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits js-setup
+.PHONY: help venv test export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits js-setup scale-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -60,6 +60,9 @@ bench: $(STAMP)  ## runtime benchmark (BENCH_ARGS passes options)
 
 cluster-check: $(STAMP)  ## as root: one-node Slurm cluster here, smoke matrix on it, scancel one job, re-run (scripts/cluster_check.sh)
 	VENV=$(VENV) scripts/cluster_check.sh
+
+scale-check: $(STAMP)  ## random-weight checkpoints at a real config, built at a few depths: make scale-check SCALE_ARGS="--layers 2,4"
+	$(PY) scripts/scale_check.py $(SCALE_ARGS)
 
 train-fixtures: $(STAMP)  ## retrain the trained tiny fixtures of every family
 	$(PY) -m vlmforge.fixtures.train --family all

@@ -90,6 +90,7 @@ class BuildConfig:
     out_dir: str = "artifacts"
     cache_dir: str = ".work"
     name: Optional[str] = None  # artifact dir name under out_dir/<model.name>/; default <precision>-<size>
+    memory_check: bool = True  # refuse a build the machine cannot hold (launch/plan.py); false: warn and go on
 
 
 def valid_keys(parent: str) -> list[str]:
@@ -161,7 +162,7 @@ LOAD_DTYPES = ("float32",)
 # validate.tolerances.<stage>.<precision>.<metric>: the stages and metrics the validators gate on.
 TOLERANCE_STAGES = ("preprocess", "vision", "embedding", "decoder", "chain", "task")
 TOLERANCE_METRICS = ("max_abs", "max_rel", "mean_abs", "accuracy_drop", "cosine", "mean_cosine", "top1", "top5",
-                     "token_match", "answer_agreement", "near_tie")
+                     "token_match", "answer_agreement", "near_tie", "max_step_error")
 
 
 def check(cfg: BuildConfig, recipe: str) -> None:
@@ -192,6 +193,10 @@ def check(cfg: BuildConfig, recipe: str) -> None:
     check_tolerances(v.tolerances, recipe)
 
 
+# int4_weights: an INT4 graph against PyTorch running the same dequantized weights (validators/same_weights.py)
+TOLERANCE_KEYS = (*PRECISIONS, "int4_weights")
+
+
 def check_tolerances(tolerances, recipe: str) -> None:
     """validate.tolerances is free-form YAML: every stage, precision and metric must be one the validators
     know and every bound a finite number, or a typo would silently leave a check ungated."""
@@ -204,9 +209,9 @@ def check_tolerances(tolerances, recipe: str) -> None:
                               fix=f"valid keys under validate.tolerances: {list(TOLERANCE_STAGES)}")
         for precision, bounds in (per_precision or {}).items():
             key = f"validate.tolerances.{stage}.{precision}"
-            if precision not in PRECISIONS:
+            if precision not in TOLERANCE_KEYS:
                 raise RecipeError(f"{key} is not a precision", where=where,
-                                  fix=f"valid keys under validate.tolerances.{stage}: {list(PRECISIONS)}")
+                                  fix=f"valid keys under validate.tolerances.{stage}: {list(TOLERANCE_KEYS)}")
             if not isinstance(bounds, dict) or not bounds:
                 raise RecipeError(f"{key} must map metrics to bounds", where=where,
                                   fix=f"e.g. {key}.max_rel=5.0e-5; valid metrics: {list(TOLERANCE_METRICS)}")

@@ -44,12 +44,12 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     from vlmforge.source import check_model_size
 
     family = get_family(m["family"])
-    check_model_size(source, load_hf_config(source, cfg.model.trust_remote_code))
-    model = load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)
+    hf_config = load_hf_config(source, cfg.model.trust_remote_code)
+    check_model_size(source, hf_config)
     size = m["components"]["vision"]["image_size"]
-    deepstack = family.deepstack_layers(model.config) > 0 and cfg.model.deepstack == "keep"
+    deepstack = family.deepstack_layers(hf_config) > 0 and cfg.model.deepstack == "keep"
     opts = StageOptions(size, deepstack)
-    contracts = {s: family.stage(s).contract(model.config, opts) for s in ("vision", "embedding", "decoder")}
+    contracts = {s: family.stage(s).contract(hf_config, opts) for s in ("vision", "embedding", "decoder")}
     for s, c in contracts.items():
         if c.to_json() != {k: m["components"][s][k] for k in ("inputs", "outputs")}:
             raise CheckpointError(f"the {s} contract this checkpoint implies differs from the one in the manifest: "
@@ -57,8 +57,9 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
                                   where=f"{directory}/manifest.json components.{s}",
                                   fix="pass --checkpoint with the original checkpoint, or rebuild the set")
     precisions = {s: m["components"][s]["precision"] for s in contracts}
-    dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
-    params = image_params(source.path, model.config, size, family.image.mean, family.image.std)
+    dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(hf_config) > 0
+    params = image_params(source.path, hf_config, size, family.image.mean, family.image.std)
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
-    return run_suite(inp, model, source.path, cfg.validate, validation_images(cfg.validate)).checks
+    loader = lambda: load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)  # noqa: E731
+    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate)).checks

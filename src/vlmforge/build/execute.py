@@ -37,6 +37,13 @@ class Executor:
         self._entries: dict[str, Entry] = {}
         self._in_scratch: set[str] = set()
 
+    def missing(self) -> list[str]:
+        """The cached nodes with no entry in the cache (or all of them under --force): what this build will
+        run, as far as it can be known before running (the plan's memory prediction reads it)."""
+        fam = self.build.family.key
+        return [n.name for n in self.nodes.values() if n.slot is not None
+                and (self.cache.force or not (self.cache.slot(fam, n.slot) / self.keys[n.name]).is_dir())]
+
     def run(self) -> dict[str, dict]:
         """Run every node whose output the set needs (scratch-only nodes run when a dependent needs them);
         return name -> record (also kept in build.records, where later nodes read them)."""

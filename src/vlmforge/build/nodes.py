@@ -110,14 +110,14 @@ def validation(b, node, folder: Path) -> dict:
     from vlmforge.validators.suite import SuiteInputs, run_suite
 
     t = time.perf_counter()
-    model = b.model("validation")
     cfg, family = b.cfg, b.family
     with b.progress.step("validating against PyTorch"):
-        dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(model.config) > 0
+        dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(b.hf_config) > 0
         inp = SuiteInputs(family.key, b.staging, b.final_contracts, dict(b.precision), b.params, b.deepstack,
                           tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
                           fp32_directory=b.scratch if node.scratch else None)
-        result = run_suite(inp, model, b.source.path, cfg.validate, validation_images(cfg.validate))
+        # run_suite takes the model (b.take_model) for its PyTorch pass and frees it before the graph pass
+        result = run_suite(inp, b.take_model, b.source.path, cfg.validate, validation_images(cfg.validate))
     b.timings[node.timing] = time.perf_counter() - t
     b.checks = (result.checks, result.variant)  # as measured; the record holds them rounded (CheckResult.to_json)
     return {"checks": [c.to_json() for c in result.checks], "variant": result.variant}
@@ -182,7 +182,7 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         "family": family_key,
         "source": {"checkpoint": cfg.model.checkpoint, "revision": cfg.model.revision, "weights": source.weight_files,
                    "config_sha256": source_config_sha256(source.path)},
-        "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir")},  # where it ran is not what it is
+        "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir", "memory_check")},  # where it ran is not what it is
         "toolchain": toolchain(),
         "components": comps,
         "files": hash_files(staging),

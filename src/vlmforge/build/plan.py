@@ -89,6 +89,7 @@ class Build:
     params: object = None  # the image parameters (host.image.ImageParams), set by runtime_configs
     checks: tuple | None = None  # (checks, variant) of a validation that ran in this build
     _model: object = None
+    model_loaded: bool = False  # the whole PyTorch model was loaded in this build (for validation)
 
     @property
     def deepstack(self) -> bool:
@@ -101,7 +102,14 @@ class Build:
             with self.progress.step("loading the PyTorch model"):
                 self._model = load_model(self.source, self.cfg.model.trust_remote_code, self.cfg.model.load_dtype)
             self.timings["load_model"] = time.perf_counter() - t
+            self.model_loaded = True
         return self._model
+
+    def take_model(self):
+        """The model, handed over: the build keeps no reference, so the validation frees it after its
+        reference pass (a later export would load it again)."""
+        model, self._model = self.model("validation"), None
+        return model
 
     def bytes_needed(self) -> int:
         """Disk a build of this model needs: the FP32 set, and as much again for the stage cache when it

@@ -51,9 +51,10 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool 
     b, nodes = _open(cfg, recipe, progress or QUIET, check=True)
     executor = Executor(b, nodes, StageCache(Path(cfg.cache_dir), force))
     b.timings["load"] = time.perf_counter() - t0
+    _check_plan(b, executor, recipe)
     _execute(executor)
     checks, _ = checks_of(b)
-    report = BuildReport(b.final, True, checks, b.timings, executor.status(), b._model is not None)
+    report = BuildReport(b.final, True, checks, b.timings, executor.status(), b.model_loaded)
     report.seconds["total"] = time.perf_counter() - t0
     write_build_log(report.directory, report.seconds, report.cache)
     return report
@@ -66,6 +67,17 @@ def cache_keys(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> dict:
     keys = Executor(b, nodes, StageCache(Path(cfg.cache_dir))).keys
     final = {s: keys[f"export.{s}"] if p == "fp32" else keys[f"transform.{s}.{p}"] for s, p in b.precision.items()}
     return {"export": {s: keys[f"export.{s}"] for s in STAGES}, "final": final, "validation": keys.get("validation")}
+
+
+def _check_plan(b, executor: Executor, recipe: str) -> None:
+    """The plan before the work: parameters, bytes, predicted peak memory and disk, logged; refused early
+    (ResourceError) when this machine cannot hold the build (vlmforge.launch.plan)."""
+    from vlmforge.launch.plan import check_plan, make_plan
+
+    missing = executor.missing()
+    needs_model = any(n.startswith("export.") or n == "validation" for n in missing)
+    plan_ = make_plan(b.parameters, b.precision, b.cfg.validate.enabled, needs_model, b.bytes_needed(), b.final.parent)
+    check_plan(plan_, f"{recipe}: model.checkpoint={b.cfg.model.checkpoint}", b.cfg.memory_check)
 
 
 def _open(cfg: BuildConfig, recipe: str, progress: Progress, check: bool):

@@ -125,3 +125,9 @@ def as_os_error(exc: BaseException) -> OSError | None:
             return OSError(code, os.strerror(code))
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+class ResourceError(VlmforgeError):
+    """The machine cannot hold the build (memory or disk), found before any work starts."""
+
+    kind = "ResourceError"

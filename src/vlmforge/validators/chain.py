@@ -16,17 +16,13 @@ from vlmforge.validators.results import CheckResult
 
 def token_ids(ref: Reference) -> TokenIds:
     cfg = ref.config
-    eos = ref.model.generation_config.eos_token_id
-    eos = eos_ids(eos if eos is not None else cfg.text_config.eos_token_id)
+    eos = eos_ids(ref.eos if ref.eos is not None else cfg.text_config.eos_token_id)
     return TokenIds(cfg.image_token_id, cfg.vision_start_token_id, eos, ref.params.merge_size)
 
 
-def run_chain(engine: Engine, ref: Reference, prompt: str, images, n_tokens: int):
-    """(ours tokens, ours logits [T, V], HF tokens, HF logits [T, V]) for one prompt."""
+def reference_chain(ref: Reference, prompt: str, images, n_tokens: int) -> dict:
+    """HF generate for one prompt: its tokens and step logits [T, V] (the model's side of run_chain)."""
     ids = np.asarray(ref.prompt_ids(prompt, len(images)), np.int64)
-    ours_imgs = tuple(ref.params.patches(img) for img in images)
-    ours = list(generate_tokens(engine, PromptInputs(ids, ours_imgs), token_ids(ref), max_new_tokens=n_tokens,
-                                min_new_tokens=n_tokens, choose=greedy))
     if images:
         hf_pix = [ref.hf_pixels(img) for img in images]
         import torch
@@ -36,7 +32,17 @@ def run_chain(engine: Engine, ref: Reference, prompt: str, images, n_tokens: int
     else:
         pv = grids = None
     hf_tokens, hf_logits = ref.generate(ids.reshape(1, -1), pv, grids, n_tokens)
-    return [t for t, _ in ours], np.stack([lg for _, lg in ours]), hf_tokens, hf_logits
+    return {"prompt": prompt, "n_images": len(images), "tokens": hf_tokens, "logits": hf_logits}
+
+
+def run_chain(engine: Engine, ref: Reference, want: dict, images, n_tokens: int):
+    """(ours tokens, ours logits [T, V], HF tokens, HF logits [T, V]) for one prompt; the HF side from
+    `want` (reference_chain), computed before the model was freed."""
+    ids = np.asarray(ref.prompt_ids(want["prompt"], len(images)), np.int64)
+    ours_imgs = tuple(ref.params.patches(img) for img in images)
+    ours = list(generate_tokens(engine, PromptInputs(ids, ours_imgs), token_ids(ref), max_new_tokens=n_tokens,
+                                min_new_tokens=n_tokens, choose=greedy))
+    return [t for t, _ in ours], np.stack([lg for _, lg in ours]), want["tokens"], want["logits"]
 
 
 def token_agreement(tokens, hf_tokens, hf_logits, near_tie: float | None) -> tuple[dict, str]:
@@ -62,10 +68,11 @@ def token_agreement(tokens, hf_tokens, hf_logits, near_tie: float | None) -> tup
     return {"token_match": raw, "raw_token_match": raw}, f"length differs after {first}"
 
 
-def check_chain(engine: Engine, ref: Reference, cases, n_tokens: int, tol: dict) -> list[CheckResult]:
+def check_chain(engine: Engine, ref: Reference, cases, wants: list[dict], n_tokens: int, tol: dict) -> list[CheckResult]:
+    """`cases`: (name, prompt, images); `wants`: reference_chain of each case, in the same order."""
     out = []
-    for name, prompt, images in cases:
-        tokens, logits, hf_tokens, hf_logits = run_chain(engine, ref, prompt, images, n_tokens)
+    for (name, prompt, images), want in zip(cases, wants, strict=True):
+        tokens, logits, hf_tokens, hf_logits = run_chain(engine, ref, want, images, n_tokens)
         first = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), None)
         token_tol = {k: v for k, v in tol.items() if k == "token_match"}
         values, where = token_agreement(tokens, hf_tokens, hf_logits, tol.get("near_tie"))

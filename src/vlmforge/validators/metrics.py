@@ -19,7 +19,7 @@ import numpy as np
 
 from vlmforge.validators.results import CheckResult, at_least, at_most
 
-UPPER = ("max_abs", "max_rel", "mean_abs", "accuracy_drop")
+UPPER = ("max_abs", "max_rel", "mean_abs", "accuracy_drop", "max_step_error")
 LOWER = ("cosine", "mean_cosine", "top1", "top5", "token_match", "answer_agreement")
 CHUNK_ELEMENTS = 1 << 20  # per array per chunk: 8 MiB as float64 (three such buffers, reused)
 TOP_K = 5

@@ -28,6 +28,12 @@ class Reference:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(source_path))
         self.image_processor = getattr(transformers, family.image.processor_class).from_pretrained(str(source_path))
         self._reference_vision = family.reference_vision
+        self.eos = hf_model.generation_config.eos_token_id  # kept: the graph pass runs after release()
+
+    def release(self) -> None:
+        """Drop the model: what stays (tokenizer, image processor, config) is what the graph pass needs.
+        The caller drops its own reference too; the memory returns at the next garbage collection."""
+        self.model = None
 
     # -- inputs -----------------------------------------------------------------------------------
     def hf_pixels(self, image) -> tuple[torch.Tensor, torch.Tensor]:

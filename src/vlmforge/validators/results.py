@@ -14,6 +14,7 @@ class CheckResult:
     tolerance: float | str | None
     passed: bool
     detail: str = ""
+    kind: str = "graph"  # graph: same weights on both sides, holds on any weights | quality: vs FP32 or a task
 
     def to_json(self) -> dict:
         d = asdict(self)

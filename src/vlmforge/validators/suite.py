@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import dataclasses
+import gc
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +18,7 @@ from vlmforge.core.errors import RecipeError
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
 from vlmforge.host.image import ImageParams
+from vlmforge.validators.graphs import staged_engine
 from vlmforge.validators.reference import Reference
 from vlmforge.validators.results import CheckResult
 
@@ -64,8 +68,26 @@ def engine_for(directory: Path, contracts: dict[str, StageContract], providers=N
     return Engine(path("vision"), path("embedding"), path("decoder"), layout, list(providers) if providers else None)
 
 
-def run_suite(inp: SuiteInputs, hf_model, source_path: Path, vcfg, images) -> SuiteResult:
+@dataclass
+class References:
+    """What the reference pass keeps of the PyTorch model's outputs: inputs, features, logits rows, tokens."""
+    preprocess: list[CheckResult]
+    vision: list[dict]
+    embedding: dict
+    decoder: dict
+    chain: list[dict]
+    task: list[str] | None = None
+    deviation: list[dict] = field(default_factory=list)  # DeepStack on, per image (a `deepstack: drop` variant)
+    same_weights: dict = field(default_factory=dict)  # INT4 stages: PyTorch with the graphs' dequantized weights
+
+
+def run_suite(inp: SuiteInputs, load_model: Callable[[], Any], source_path: Path, vcfg, images) -> SuiteResult:
     """Contract, preprocessing, per-graph parity and the chain, in that order (cheap first).
+
+    Two passes, so that the PyTorch model and the ONNX weights are never resident together: the reference
+    pass calls `load_model()`, runs the model on every validation input, keeps only the outputs the checks
+    compare against (References) and frees the model; the graph pass then runs the graphs, one stage's
+    session at a time. `load_model` must hand over the only reference to the model (the caller keeps none).
 
     For a DeepStack-drop variant every check runs against HF with DeepStack off (what the graphs compute);
     the deviation from HF with DeepStack on is then measured and returned as `variant`, never as a pass."""
@@ -75,81 +97,192 @@ def run_suite(inp: SuiteInputs, hf_model, source_path: Path, vcfg, images) -> Su
     if not all(r.passed for r in results):
         log.error("a graph does not match its contract: the numeric checks cannot run on it")
         return SuiteResult(results)
-    engine = engine_for(inp.directory, inp.contracts, inp.providers)
-    ref = Reference(inp.family_key, hf_model, source_path, inp.params)
-    scope = inp.deepstack_off(hf_model) if inp.deepstack_off else contextlib.nullcontext()
-    with scope:
-        results += _parity_and_chain(inp, engine, ref, vcfg, images)
-    if inp.fp32_directory is not None:
-        results += _versus_fp32_onnx(inp, engine, ref, vcfg, images)
-    variant = _deepstack_drop_deviation(engine, ref, vcfg, images) if inp.deepstack_off else {}
-    return SuiteResult(results, variant)
+    ref, refs = reference_pass(inp, load_model, source_path, vcfg, images)
+    checks, variant = graph_pass(inp, ref, refs, vcfg, images)
+    return SuiteResult(results + checks, variant)
 
 
-def _parity_and_chain(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, images) -> list[CheckResult]:
+def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images) -> tuple[Reference, References]:
+    """The PyTorch side of every check, with the model resident; the model is freed before returning."""
+    t = time.perf_counter()
+    ref = Reference(inp.family_key, load_model(), source_path, inp.params)
+    try:
+        log.info("reference pass: PyTorch on the validation inputs")
+        with (inp.deepstack_off(ref.model) if inp.deepstack_off else contextlib.nullcontext()):
+            refs = _references(inp, ref, vcfg, images)
+        if inp.deepstack_off:
+            refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
+        if inp.fp32_directory is not None and "int4" in inp.precisions.values():  # last: it changes the weights
+            with (inp.deepstack_off(ref.model) if inp.deepstack_off else contextlib.nullcontext()):
+                refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
+    finally:
+        ref.release()
+        gc.collect()
+    log.info("reference pass done in %.1f s; PyTorch model freed", time.perf_counter() - t)
+    return ref, refs
+
+
+def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
+    pre = parity.check_preprocess(ref, images, tolerance(vcfg.tolerances, "preprocess", "fp32"))
+    log.info("reference: vision (%d images)", len(images))
+    vision = parity.reference_vision(ref, images)
+    log.info("reference: embedding and decoder (prefill + %d decode steps)", vcfg.decode_steps)
+    embedding = parity.reference_embedding(ref, vision[0], inp.deepstack)
+    decoder = parity.reference_decoder(ref, vision[0], inp.deepstack, vcfg.decode_steps)
+    log.info("reference: HF generate (%d tokens, %d prompts)", vcfg.chain_tokens, 2)
+    wants = [chain.reference_chain(ref, p, imgs, vcfg.chain_tokens) for _, p, imgs in _chain_cases(vcfg, images)]
+    task = None
+    if vcfg.task_questions:
+        from vlmforge.validators.task import reference_task
+
+        log.info("reference: %d held-out questions", vcfg.task_questions)
+        task = reference_task(ref, vcfg.task_questions)
+    return References(pre, vision, embedding, decoder, wants, task)
+
+
+def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
+    """The INT4 stages' dequantized weights loaded into the model (in place: the model is freed after this),
+    then the vision and decoder references again (validators/same_weights.py)."""
+    from vlmforge.validators.same_weights import load_into
+
+    out: dict = {"loaded": {}}
+    for stage in (s for s, p in inp.precisions.items() if p == "int4"):
+        out["loaded"][stage] = load_into(ref.model, inp.fp32_directory / f"{stage}.onnx", inp.directory / f"{stage}.onnx")
+    log.info("reference: PyTorch with the INT4 graphs' weights (%s)", ", ".join(out["loaded"]))
+    vision = parity.reference_vision(ref, images[:1])
+    if inp.precisions["vision"] == "int4":
+        out["vision"] = vision
+    if inp.precisions["decoder"] == "int4":
+        out["decoder"] = parity.reference_decoder(ref, vision[0], inp.deepstack, vcfg.decode_steps)
+    return out
+
+
+def _same_weight_checks(engine, inp: SuiteInputs, refs: References, vcfg, stage: str) -> list[CheckResult]:
+    """An INT4 graph against PyTorch running its own (dequantized) weights: kind "graph", on any weights."""
+    from vlmforge.validators.metrics import gate
+    from vlmforge.validators.results import at_least, at_most
+
+    sw = refs.same_weights
+    if stage not in sw.get("loaded", {}):
+        return []
+    replaced, unmatched, steps = sw["loaded"][stage]
+    tol = tolerance(vcfg.tolerances, stage, "int4_weights")
+    found = [at_most(stage, "INT4 weights found in the PyTorch model", "unmatched_weights", len(unmatched), 0,
+                     detail=f"{replaced} loaded; unmatched: {', '.join(unmatched[:5]) or 'none'}"),
+             at_least(stage, "INT4 weights found in the PyTorch model", "loaded_weights", replaced, 1)]
+    found += gate(stage, "dequantized INT4 weights vs FP32 weights", {"max_step_error": steps},
+                  {k: v for k, v in tol.items() if k == "max_step_error"})
+    if stage == "vision":
+        checks = parity.check_vision(engine, sw["vision"], tol, inp.deepstack)
+    elif stage == "decoder":
+        checks = parity.check_decoder(engine, sw["decoder"], tol)
+    else:
+        checks = []
+    return found + [dataclasses.replace(c, name=f"{c.name}, PyTorch with the graph's INT4 weights") for c in checks]
+
+
+def _chain_cases(vcfg, images) -> list[tuple[str, str, list]]:
+    return [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
+
+
+def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images) -> tuple[list[CheckResult], dict]:
+    """The graphs against the stored references: FP32 graphs first (their outputs only), then each transformed
+    stage alone, then the chain with all three sessions. Results keep the order of the checks' list."""
+    t = time.perf_counter()
     tol = lambda stage: tolerance(vcfg.tolerances, stage, inp.precisions.get(stage, "fp32"))  # noqa: E731
     worst = max(inp.precisions.values(), key=PRECISION_ORDER.index)
-    log.info("validating preprocessing and vision")
-    results = parity.check_preprocess(ref, images, tolerance(vcfg.tolerances, "preprocess", "fp32"))
-    results += parity.check_vision(engine, ref, images, tol("vision"), inp.deepstack)
-    log.info("validating embedding and decoder")
-    results += parity.check_embedding(engine, ref, images[0], tol("embedding"), inp.deepstack)
-    results += parity.check_decoder(engine, ref, images[0], tol("decoder"), inp.deepstack, vcfg.decode_steps)
-    log.info("validating the chain against HF generate (%d tokens)", vcfg.chain_tokens)
-    cases = [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
-    results += chain.check_chain(engine, ref, cases, vcfg.chain_tokens, tolerance(vcfg.tolerances, "chain", worst))
+    base = fp32_outputs(inp, ref, vcfg, images) if inp.fp32_directory is not None else None
+    engine = staged_engine(inp.directory, inp.contracts, inp.providers)
+    results, versus = list(refs.preprocess), []
+    log.info("graph pass: vision")
+    results += parity.check_vision(engine.keep("vision"), refs.vision, tol("vision"), inp.deepstack)
+    versus += _versus(engine, base, inp, vcfg, "vision")
+    same = _same_weight_checks(engine, inp, refs, vcfg, "vision")
+    log.info("graph pass: embedding")
+    results += parity.check_embedding(engine.keep("embedding"), refs.embedding, tol("embedding"), inp.deepstack)
+    versus += _versus(engine, base, inp, vcfg, "embedding")
+    log.info("graph pass: decoder")
+    results += parity.check_decoder(engine.keep("decoder"), refs.decoder, tol("decoder"))
+    versus += _versus(engine, base, inp, vcfg, "decoder")
+    same += _same_weight_checks(engine, inp, refs, vcfg, "decoder")
+    log.info("graph pass: the chain against HF generate (%d tokens)", vcfg.chain_tokens)
+    results += chain.check_chain(engine, ref, _chain_cases(vcfg, images), refs.chain, vcfg.chain_tokens,
+                                 tolerance(vcfg.tolerances, "chain", worst))
     if vcfg.task_questions:
         from vlmforge.validators.task import check_task
 
         log.info("validating task accuracy on %d held-out questions", vcfg.task_questions)
-        results += check_task(engine, ref, vcfg.task_questions, tolerance(vcfg.tolerances, "task", worst))
-    return results
+        results += check_task(engine, ref, vcfg.task_questions, refs.task, tolerance(vcfg.tolerances, "task", worst))
+    variant = _deepstack_drop_deviation(engine, ref, vcfg, images, refs.deviation) if inp.deepstack_off else {}
+    engine.close()
+    log.info("graph pass done in %.1f s", time.perf_counter() - t)
+    return kinds(results + versus, inp) + same, variant
 
 
-def _versus_fp32_onnx(inp: SuiteInputs, engine: Engine, ref: Reference, vcfg, images) -> list[CheckResult]:
-    """Each transformed graph against the FP32 ONNX graph it came from, on the same real inputs."""
-    from vlmforge.validators.metrics import compare
+def kinds(checks: list[CheckResult], inp: SuiteInputs) -> list[CheckResult]:
+    """Which question each check answers: "graph" (is the graph right: the weights on both sides are the
+    same, so it holds on any weights) or "quality" (how far a transformed graph is from FP32: meaningful on
+    trained weights only, a sanity bound on random ones). Task accuracy is always "quality"."""
+    transformed = {s for s, p in inp.precisions.items() if p != "fp32"}
+    worst = max(inp.precisions.values(), key=PRECISION_ORDER.index)
 
-    base = engine_for(inp.fp32_directory, _fp32_contracts(inp.contracts), inp.providers, fallback=inp.directory)
-    out: list[CheckResult] = []
-    img = images[0]
-    pv, grid = ref.hf_pixels(img)
-    if inp.precisions["vision"] != "fp32":
-        got, _ = engine.encode_image(pv.numpy(), grid.numpy())
-        want, _ = base.encode_image(pv.numpy(), grid.numpy())
-        out += compare("vision", "image_features vs FP32 ONNX", got, want,
-                       tolerance(vcfg.tolerances, "vision", inp.precisions["vision"]))
-    feats, ds = base.encode_image(pv.numpy(), grid.numpy())
-    ids = np.asarray([ref.prompt_ids(vcfg.prompt, 1)], np.int64)
-    if inp.precisions["embedding"] != "fp32":
-        got, _ = engine.embed(ids, feats, ds)
-        want, _ = base.embed(ids, feats, ds)
-        out += compare("embedding", "inputs_embeds vs FP32 ONNX", got, want,
-                       tolerance(vcfg.tolerances, "embedding", inp.precisions["embedding"]))
+    def kind(c: CheckResult) -> str:
+        if c.stage == "task" or c.stage in transformed or (c.stage == "chain" and worst != "fp32"):
+            return "quality"
+        return "graph"
+
+    return [dataclasses.replace(c, kind=kind(c)) for c in checks]
+
+
+def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
+    """The FP32 ONNX graphs behind the transformed ones, on the versus-FP32 inputs: one session at a time,
+    closed before the transformed sessions open; only their outputs are kept."""
+    base = staged_engine(inp.fp32_directory, _fp32_contracts(inp.contracts), inp.providers, fallback=inp.directory)
+    pv, grid = ref.hf_pixels(images[0])
+    o = {"pv": pv.numpy(), "grid": grid.numpy()}
+    o["feats"], o["ds"] = base.keep("vision").encode_image(o["pv"], o["grid"])
+    o["ids"] = np.asarray([ref.prompt_ids(vcfg.prompt, 1)], np.int64)
+    o["emb"], o["deep"] = base.keep("embedding").embed(o["ids"], o["feats"], o["ds"])
     if inp.precisions["decoder"] != "fp32":
-        emb, deep = base.embed(ids, feats, ds)
         from vlmforge.host import mrope
 
-        pos, _ = mrope.rope_index(ids, None, grid.numpy(), image_token_id=ref.config.image_token_id,
-                                  vision_start_token_id=ref.config.vision_start_token_id,
-                                  spatial_merge_size=ref.params.merge_size)
-        got, _ = engine.decode(emb, np.ones_like(ids), pos, engine.empty_past(1), deep)
-        want, _ = base.decode(emb, np.ones_like(ids), pos, base.empty_past(1), deep)
-        out += compare("decoder", "prefill logits vs FP32 ONNX", got, want,
-                       tolerance(vcfg.tolerances, "decoder", inp.precisions["decoder"]), logits=True)
-    return out
+        o["pos"], _ = mrope.rope_index(o["ids"], None, o["grid"], image_token_id=ref.config.image_token_id,
+                                       vision_start_token_id=ref.config.vision_start_token_id,
+                                       spatial_merge_size=ref.params.merge_size)
+        dec = base.keep("decoder")
+        o["logits"], _ = dec.decode(o["emb"], np.ones_like(o["ids"]), o["pos"], dec.empty_past(1), o["deep"])
+    base.close()
+    return o
+
+
+def _versus(engine, base: dict | None, inp: SuiteInputs, vcfg, stage: str) -> list[CheckResult]:
+    """One transformed graph against the FP32 ONNX graph it came from, on the same real inputs."""
+    from vlmforge.validators.metrics import compare
+
+    if base is None or inp.precisions[stage] == "fp32":
+        return []
+    tol = tolerance(vcfg.tolerances, stage, inp.precisions[stage])
+    if stage == "vision":
+        got, _ = engine.encode_image(base["pv"], base["grid"])
+        return compare("vision", "image_features vs FP32 ONNX", got, base["feats"], tol)
+    if stage == "embedding":
+        got, _ = engine.embed(base["ids"], base["feats"], base["ds"])
+        return compare("embedding", "inputs_embeds vs FP32 ONNX", got, base["emb"], tol)
+    ones = np.ones_like(base["ids"])
+    got, _ = engine.decode(base["emb"], ones, base["pos"], engine.empty_past(1), base["deep"])
+    return compare("decoder", "prefill logits vs FP32 ONNX", got, base["logits"], tol, logits=True)
 
 
 def _fp32_contracts(contracts: dict[str, StageContract]) -> dict[str, StageContract]:
     return {k: c.with_float_dtype("float32") for k, c in contracts.items()}
 
 
-def _deepstack_drop_deviation(engine: Engine, ref: Reference, vcfg, images) -> dict:
+def _deepstack_drop_deviation(engine: Engine, ref: Reference, vcfg, images, wants: list[dict]) -> dict:
     """How far the DeepStack-free graphs are from the real model (HF with DeepStack on), per image."""
     log.info("measuring the deviation of the DeepStack-free variant from HF with DeepStack on")
     rows = []
-    for i, img in enumerate(images):
-        tokens, logits, hf_tokens, hf_logits = chain.run_chain(engine, ref, vcfg.prompt, [img], vcfg.chain_tokens)
+    for i, (img, want) in enumerate(zip(images, wants, strict=True)):
+        tokens, logits, hf_tokens, hf_logits = chain.run_chain(engine, ref, want, [img], vcfg.chain_tokens)
         first = next((k for k, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), None)
         upto = max(first if first is not None else len(hf_tokens), 1)
         rows.append({

@@ -1,0 +1,107 @@
+"""The plan before a build: what it weighs and what the machine can hold, checked before any work.
+
+Printed before a build starts: parameters, FP32 and target bytes, predicted peak resident memory and
+disk. A build the machine cannot hold is refused there, with the fix, instead of dying (or swapping the
+box to a halt) an hour in. The prediction is a fit to measured builds (resources.py has the base; the
+factors are measured at Qwen2.5-VL-3B widths, README "Scale check"): the model resident during the exports
+plus the exporter's copy of the largest stage; validation no longer adds the ONNX sessions to the model
+(the reference pass frees it first, validators/suite.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmforge.core.errors import ResourceError
+from vlmforge.launch.resources import BASE_BYTES, GB
+
+log = logging.getLogger(__name__)
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int4": 0.6}  # int4: 4-bit + scales, float leftovers (measured 0.2-0.4x)
+FACTOR_EXPORT = 2.0  # peak / FP32 weight bytes while exporting (the model + the exporter's copy)
+FACTOR_VALIDATE = 2.0  # validation: the model alone, then the ONNX sessions alone (one pass at a time)
+FACTOR_INT4 = 1.45  # the INT4 quantizer on the decoder, on top of the resident model (field notes)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    parameters: int
+    fp32_bytes: int
+    target_bytes: int
+    peak_rss: int
+    disk: int
+    memory_available: int | None
+    disk_available: int | None
+
+    def describe(self) -> str:
+        avail = f"{self.memory_available / GB:.1f} GiB available" if self.memory_available else "available unknown"
+        disk = f"{self.disk_available / GB:.1f} GiB free" if self.disk_available is not None else "free unknown"
+        return (f"plan: {self.parameters / 1e9:.3f} B parameters, {self.fp32_bytes / GB:.2f} GiB as FP32, "
+                f"<= {self.target_bytes / GB:.2f} GiB at the target precision; predicted peak memory "
+                f"{self.peak_rss / GB:.1f} GiB ({avail}), disk {self.disk / GB:.1f} GiB ({disk})")
+
+
+def memory_available() -> int | None:
+    """MemAvailable, capped by the cgroup's limit minus its usage (v2, then v1): what this build may use."""
+    values = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                values.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            text = Path(limit).read_text().strip()
+            if text != "max" and int(text) < (1 << 60):
+                values.append(int(text) - int(Path(usage).read_text().strip()))
+                break
+        except (OSError, ValueError):
+            continue
+    return min(values) if values else None
+
+
+def _free_disk(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def make_plan(parameters: int, precisions: dict[str, str], validate: bool, needs_model: bool, disk_bytes: int,
+              out_dir: Path) -> BuildPlan:
+    fp32 = parameters * 4
+    target = int(parameters * max(BYTES_PER_PARAM[p] for p in precisions.values()))
+    factor = max(FACTOR_EXPORT, FACTOR_VALIDATE if validate else 0.0)
+    if "int4" in precisions.values():
+        factor = max(factor, 1.0 + FACTOR_INT4)
+    peak = BASE_BYTES + (int(fp32 * factor) if needs_model else 0)
+    return BuildPlan(parameters, fp32, target, peak, disk_bytes, memory_available(), _free_disk(Path(out_dir)))
+
+
+def check_plan(plan: BuildPlan, where: str, enforce: bool = True) -> None:
+    """Log the plan; refuse (ResourceError, exit 2) when the predicted peak memory or disk exceeds what the
+    machine has. `enforce=False` (recipe key memory_check=false) logs the shortfall and goes on."""
+    log.info("%s", plan.describe())
+    short = []
+    if plan.memory_available is not None and plan.peak_rss > plan.memory_available:
+        short.append(f"predicted peak memory {plan.peak_rss / GB:.1f} GiB > {plan.memory_available / GB:.1f} GiB available")
+    if plan.disk_available is not None and plan.disk > plan.disk_available:
+        short.append(f"predicted disk {plan.disk / GB:.1f} GiB > {plan.disk_available / GB:.1f} GiB free")
+    if not short:
+        return
+    if not enforce:
+        log.warning("memory_check=false: going on although %s", "; ".join(short))
+        return
+    raise ResourceError(
+        f"this machine cannot hold the build: {'; '.join(short)} ({plan.parameters / 1e9:.2f} B parameters, "
+        f"{plan.fp32_bytes / GB:.1f} GiB as FP32)", where=where,
+        fix="run on a machine with more memory (or free some), choose a smaller precision (precision=int4_mixed), "
+            "export without validation (validate=off), or set memory_check=false to try anyway")

@@ -1,0 +1,122 @@
+"""PyTorch running the weights a transformed graph holds: the graph check for INT4 stages.
+
+Why: an INT4 graph compared with the FP32 model measures quantization noise plus any graph error, and on
+random weights the noise alone is large (logits mean cosine 0.81-0.93), so no tolerance can tell a broken
+INT4 graph from a correct one. With every quantized weight dequantized back into the PyTorch model, both
+sides compute the same function; what is left is the kernels' rounding (MatMulNBits at accuracy_level 4
+quantizes activations to int8 per block), and a tight tolerance holds on any weights.
+
+Layout (onnxruntime MatMulNBits, written by transforms/quantize_int4.py): B [N, K/block, block/2] uint8,
+two 4-bit values per byte, low nibble first, along K; scales [N * K/block] (or [N, K/block]) float; an
+optional zero_points input, 4-bit packed [N, ceil(K/block / 2)] (absent: symmetric, zero point 8).
+W[n, k] = (q - zp) * scale: [N, K], the torch nn.Linear layout.
+
+The quantized graph's weight `<w>_Q4` came from the FP32 graph's initializer `<w>` ([K, N] = W^T); the
+PyTorch Linear it belongs to is found by the exact bytes of that FP32 initializer (a sha256 over W^T), so
+no family naming is read. Tensors are read one at a time from the graphs' external data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+log = logging.getLogger(__name__)
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+def read_tensor(path: Path, tensor: onnx.TensorProto) -> np.ndarray:
+    """One initializer of the graph at `path` (its external bytes read alone, confined to its folder)."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    from vlmforge.transforms.external import external_file
+
+    file, offset, length = external_file(path, tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        data = np.frombuffer(fh.read(length or count * np.dtype(dtype).itemsize), dtype=dtype)
+    return data.reshape(tuple(tensor.dims))
+
+
+def dequantize_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
+                            block: int) -> tuple[np.ndarray, np.ndarray]:
+    """([N, K] float32 weight a MatMulNBits node (bits=4) multiplies by, [N, K] the step of each element)."""
+    blocks = -(-k // block)
+    packed = b.reshape(n, blocks, block // 2)
+    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, blocks, block).astype(np.float32)
+    if zero_points is None:
+        zp = np.full((n, blocks), 8.0, np.float32)
+    else:
+        zpk = zero_points.reshape(n, -1)
+        zp = np.stack([zpk & 0x0F, zpk >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    step = np.broadcast_to(np.abs(scales.astype(np.float32)).reshape(n, blocks)[..., None], q.shape)
+    w = (q - zp[..., None]) * scales.astype(np.float32).reshape(n, blocks)[..., None]
+    return w.reshape(n, blocks * block)[:, :k], step.reshape(n, blocks * block)[:, :k]
+
+
+def quantized_weights(graph: Path):
+    """(FP32 initializer name, ([N, K] dequantized weight, [N, K] step)) per MatMulNBits node of `graph`, one
+    at a time; GatherBlockQuantized nodes are yielded with None (not dequantized here)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        if node.op_type != "MatMulNBits":
+            yield node.input[0], None
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("bits", 4) != 4:
+            yield node.input[1], None
+            continue
+        b, scales = read_tensor(graph, inits[node.input[1]]), read_tensor(graph, inits[node.input[2]])
+        zp = read_tensor(graph, inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        name = node.input[1].removesuffix("_Q4")
+        yield name, dequantize_matmul_nbits(b, scales, zp, attrs["K"], attrs["N"], attrs["block_size"])
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()
+
+
+def load_into(model, fp32_graph: Path, graph: Path) -> tuple[int, list[str], float]:
+    """Replace, in `model`, every Linear weight that `graph` quantized by its dequantized value (a new
+    Parameter per Linear: a tied embedding keeps its float table). Returns (weights replaced, the names of
+    quantized weights no PyTorch Linear matches, the largest |dequantized - FP32| in quantization steps).
+
+    The last is the weights' own check: round-to-nearest keeps every element within one step (half a step,
+    one at the clipped end of the range); scales, zero points or nibbles in the wrong place are several
+    steps off, on any weights. The graph check (same weights on both sides) cannot see those."""
+    import torch
+
+    by_digest: dict[str, list] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            by_digest.setdefault(_digest(module.weight.detach().T.numpy()), []).append(module)
+    fp32 = onnx.load(str(fp32_graph), load_external_data=False)
+    fp32_inits = {t.name: t for t in fp32.graph.initializer}
+    replaced, unmatched, steps = 0, [], 0.0
+    for name, deq in quantized_weights(graph):
+        original = read_tensor(fp32_graph, fp32_inits[name]) if name in fp32_inits else None
+        modules = by_digest.get(_digest(original)) if original is not None else None
+        if deq is None or not modules:
+            unmatched.append(name)
+            continue
+        weight, step = deq
+        err = np.abs(weight - original.T)
+        off = np.where(step > 0, err / np.where(step > 0, step, 1), np.where(err > 0, np.inf, 0.0))
+        steps = max(steps, float(off.max()))
+        for module in modules:
+            module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight)), requires_grad=False)
+            replaced += 1
+    log.info("%s: %d quantized weights loaded into the PyTorch model (%d unmatched)", graph.name, replaced,
+             len(unmatched))
+    return replaced, unmatched, steps

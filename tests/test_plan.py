@@ -1,0 +1,39 @@
+"""The plan before a build: predicted memory and disk, and an early, clear refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmforge.core.errors import ResourceError
+from vlmforge.launch.plan import BuildPlan, check_plan, make_plan, memory_available
+from vlmforge.launch.resources import GB
+
+
+def test_plan_scales_with_the_model_and_needs_no_model_when_cached(tmp_path):
+    fp32 = make_plan(3_754_622_976, {"vision": "fp32", "embedding": "fp32", "decoder": "fp32"}, True, True, 30 * GB,
+                     tmp_path)
+    assert fp32.fp32_bytes == 4 * 3_754_622_976 and fp32.target_bytes == fp32.fp32_bytes
+    assert fp32.peak_rss > fp32.fp32_bytes  # the model plus the exporter's copy
+    int4 = make_plan(3_754_622_976, {"vision": "fp16", "embedding": "fp32", "decoder": "int4"}, True, True, 30 * GB,
+                     tmp_path)
+    assert int4.target_bytes == fp32.target_bytes  # an upper bound: the FP32 embedding
+    cached = make_plan(3_754_622_976, {"vision": "fp32", "embedding": "fp32", "decoder": "fp32"}, True, False, 0,
+                       tmp_path)
+    assert cached.peak_rss < 2 * GB  # every stage and the validation cached: no model is loaded
+    assert fp32.disk_available is not None and fp32.disk_available > 0
+
+
+def test_memory_available_reads_this_machine():
+    avail = memory_available()
+    assert avail is not None and 0 < avail < 1 << 50
+
+
+def test_plan_refuses_a_build_the_machine_cannot_hold_with_the_fix():
+    plan = BuildPlan(8_292_000_000, 33 * GB, 33 * GB, 70 * GB, 70 * GB, 20 * GB, 75 * GB)
+    with pytest.raises(ResourceError) as err:
+        check_plan(plan, "recipes/build.yaml: model.checkpoint=/models/7b")
+    text = err.value.render()
+    assert "predicted peak memory 70.0 GiB > 20.0 GiB available" in text
+    assert "precision=int4_mixed" in text and "validate=off" in text and "memory_check=false" in text
+    check_plan(plan, "x", enforce=False)  # memory_check=false: logged, not refused
+    check_plan(BuildPlan(1, 4, 4, GB, GB, 20 * GB, 75 * GB), "x")  # fits: nothing raised

@@ -1,0 +1,95 @@
+"""The INT4 graph check on random weights: a correct INT4 graph agrees tightly with PyTorch running its
+dequantized weights; one whose scales are permuted fails (quantization noise alone could not tell)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from vlmforge.runtime.engine import make_session
+from vlmforge.transforms.quantize_int4 import quantize_int4
+from vlmforge.validators.metrics import metrics
+from vlmforge.validators.same_weights import dequantize_matmul_nbits, load_into
+
+INT4 = SimpleNamespace(algorithm="default", block_size=32, symmetric=True, accuracy_level=4, quantize_lm_head=True,
+                       quantize_embedding=False)
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False), torch.nn.ReLU(), torch.nn.Linear(128, 64, bias=False))
+
+
+def _export(model: torch.nn.Module, path) -> None:
+    """The MLP as the exporter writes linears: MatMul with a [K, N] initializer (W^T), anonymous names."""
+    w1, w2 = (m.weight.detach().T.contiguous().numpy() for m in (model[0], model[2]))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "val_1"], ["h"], name="node_linear"),
+         helper.make_node("Relu", ["h"], ["r"], name="node_relu"),
+         helper.make_node("MatMul", ["r", "val_2"], ["y"], name="node_linear_1")],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(w1, "val_1"), numpy_helper.from_array(w2, "val_2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                               ir_version=8),
+              str(path))
+
+
+@pytest.fixture()
+def graphs(tmp_path):
+    model = _mlp()
+    _export(model, tmp_path / "fp32.onnx")
+    (tmp_path / "q").mkdir()
+    quantize_int4(tmp_path / "fp32.onnx", tmp_path / "q" / "int4.onnx", INT4)
+    return tmp_path / "fp32.onnx", tmp_path / "q" / "int4.onnx"
+
+
+def _graph_vs_torch(fp32, int4):
+    model = _mlp()
+    replaced, unmatched, steps = load_into(model, fp32, int4)
+    x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    got = make_session(int4).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+        fp32_out = _mlp()(torch.from_numpy(x)).numpy()
+    return replaced, unmatched, steps, metrics(got, want), metrics(got, fp32_out)
+
+
+def test_int4_graph_agrees_with_pytorch_on_its_own_weights(graphs):
+    replaced, unmatched, steps, same, vs_fp32 = _graph_vs_torch(*graphs)
+    assert (replaced, unmatched) == (2, [])
+    assert steps <= 1.001  # round to nearest: within one quantization step
+    assert same["cosine"] >= 0.999 and same["max_rel"] < 0.05  # what the recipe gates (cosine 0.99, max_rel 0.1)
+    assert same["max_abs"] < vs_fp32["max_abs"] / 3  # far tighter than the comparison with the FP32 weights
+
+
+def test_int4_graph_with_permuted_scales_fails_the_weight_check(graphs):
+    fp32, int4 = graphs
+    m = onnx.load(str(int4))
+    scales = next(t for t in m.graph.initializer if t.name.endswith("_scales"))
+    arr = numpy_helper.to_array(scales).copy()
+    arr = arr.reshape(arr.shape[0], -1)[np.random.default_rng(0).permutation(arr.shape[0])].reshape(arr.shape)
+    scales.CopyFrom(numpy_helper.from_array(arr, scales.name))
+    onnx.save(m, str(int4))
+    _, unmatched, steps, same, _ = _graph_vs_torch(fp32, int4)
+    assert unmatched == []
+    assert steps > 1.5  # the gate is 1.001: the build fails
+
+
+def test_int4_weight_not_from_the_model_is_reported_unmatched(graphs):
+    fp32, int4 = graphs
+    other = _mlp(seed=7)  # the same shapes, other weights: nothing matches
+    replaced, unmatched, _ = load_into(other, fp32, int4)
+    assert replaced == 0 and sorted(unmatched) == ["val_1", "val_2"]
+
+
+def test_dequantize_matmul_nbits_reads_low_nibble_first_with_zero_point_8():
+    b = np.array([[[0x21] + [0x88] * 15]], np.uint8)  # N=1, one block of 32: q[0]=1, q[1]=2, the rest 8
+    w, step = dequantize_matmul_nbits(b, np.array([0.5], np.float32), None, k=32, n=1, block=32)
+    assert w.shape == (1, 32) and w[0, 0] == -3.5 and w[0, 1] == -3.0 and not w[0, 2:].any()
+    assert (step == 0.5).all()
