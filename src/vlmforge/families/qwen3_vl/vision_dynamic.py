@@ -80,8 +80,7 @@ class DynamicVisionForExport(nn.Module):
         q, k, v = batched.permute(2, 0, 3, 1, 4).unbind(0)  # [S, H, L, D]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        scores = (q @ k.transpose(-1, -2)) * self.scaling + layout.key_mask
-        out = torch.softmax(scores, dim=-1) @ v
+        out = G.segment_attention(q, k, v, layout, self.scaling)  # [S, H, L, D]
         return G.rows(out.transpose(1, 2).reshape(s * length, -1), layout.scatter)
 
 
