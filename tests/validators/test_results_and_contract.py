@@ -32,7 +32,7 @@ def test_results_serialise_to_json_with_six_significant_digits():
     r = at_most("vision", "features", "max_abs", 1.23456789e-5, 1e-4, "cosine=1")
     d = r.to_json()
     assert d == {"stage": "vision", "name": "features", "metric": "max_abs", "value": 1.23457e-5,
-                 "tolerance": 1e-4, "passed": True, "detail": "cosine=1"}
+                 "tolerance": 1e-4, "passed": True, "detail": "cosine=1", "kind": "graph"}
     assert json.loads(json.dumps(d)) == d  # plain JSON types only
     assert CheckResult("vision", "io", "mismatches", 2, 0, False).to_json()["value"] == 2  # ints untouched
     assert r.line() == "PASS vision    features                           max_abs = 1.23e-05 (tolerance 0.0001)"
