@@ -77,6 +77,50 @@ def token_ids(hf_config, generation_config: dict) -> dict:
     return {"eos": eos, "pad": pad, "bos": bos}
 
 
+def _decoder_section(dec, tc, kv: dict) -> dict:
+    """genai_config.json's model.decoder: the graph's sizes and its I/O names (KV names as patterns)."""
+    return {
+        "filename": "decoder.onnx",
+        "hidden_size": int(tc.hidden_size),
+        "num_attention_heads": int(tc.num_attention_heads),
+        "num_key_value_heads": kv["kv_heads"],
+        "num_hidden_layers": kv["num_layers"],
+        "head_size": kv["head_dim"],
+        "inputs": {
+            "inputs_embeds": _need(dec, "inputs", "inputs_embeds"),
+            "attention_mask": _need(dec, "inputs", "attention_mask"),
+            "position_ids": _need(dec, "inputs", "position_ids"),
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": _need(dec, "outputs", "logits"),
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
+
+
+def _search(context: int) -> dict:
+    """genai_config.json's search: greedy defaults up to the full context (the runtime's options override them)."""
+    return {
+        "do_sample": False,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "max_length": context,
+        "min_length": 0,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "diversity_penalty": 0.0,
+        "early_stopping": True,
+        "past_present_share_buffer": False,
+    }
+
+
 def genai_config(genai_type: str, hf_config, contracts: dict, params, ids: dict) -> dict:
     tc = hf_config.text_config
     dec, emb, vis = contracts["decoder"], contracts["embedding"], contracts["vision"]
@@ -90,26 +134,7 @@ def genai_config(genai_type: str, hf_config, contracts: dict, params, ids: dict)
         "pad_token_id": int(ids["pad"]),
         "image_token_id": int(hf_config.image_token_id),
         "vision_start_token_id": int(hf_config.vision_start_token_id),
-        "decoder": {
-            "filename": "decoder.onnx",
-            "hidden_size": int(tc.hidden_size),
-            "num_attention_heads": int(tc.num_attention_heads),
-            "num_key_value_heads": kv["kv_heads"],
-            "num_hidden_layers": kv["num_layers"],
-            "head_size": kv["head_dim"],
-            "inputs": {
-                "inputs_embeds": _need(dec, "inputs", "inputs_embeds"),
-                "attention_mask": _need(dec, "inputs", "attention_mask"),
-                "position_ids": _need(dec, "inputs", "position_ids"),
-                "past_key_names": "past_key_values.%d.key",
-                "past_value_names": "past_key_values.%d.value",
-            },
-            "outputs": {
-                "logits": _need(dec, "outputs", "logits"),
-                "present_key_names": "present.%d.key",
-                "present_value_names": "present.%d.value",
-            },
-        },
+        "decoder": _decoder_section(dec, tc, kv),
         "embedding": {
             "filename": "embedding.onnx",
             "inputs": {"input_ids": _need(emb, "inputs", "input_ids"), "image_features": _need(emb, "inputs", "image_features")},
@@ -134,23 +159,7 @@ def genai_config(genai_type: str, hf_config, contracts: dict, params, ids: dict)
         model["vision"]["tokens_per_second"] = float(vc.tokens_per_second)
     if getattr(vc, "window_size", None) is not None:
         model["vision"]["window_size"] = int(vc.window_size)
-    search = {
-        "do_sample": False,
-        "num_beams": 1,
-        "num_return_sequences": 1,
-        "max_length": context,
-        "min_length": 0,
-        "temperature": 1.0,
-        "top_k": 1,
-        "top_p": 1.0,
-        "repetition_penalty": 1.0,
-        "length_penalty": 1.0,
-        "no_repeat_ngram_size": 0,
-        "diversity_penalty": 0.0,
-        "early_stopping": True,
-        "past_present_share_buffer": False,
-    }
-    return {"model": model, "search": search}
+    return {"model": model, "search": _search(context)}
 
 
 def processor_config(family_key: str, genai_type: str, params) -> dict:
