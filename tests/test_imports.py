@@ -134,7 +134,7 @@ def test_the_config_schema_imports_without_hydra_or_omegaconf():
 
     code = ("import sys; sys.modules['hydra'] = sys.modules['omegaconf'] = None; "
             "from vlmforge.config import BuildConfig, check, from_dict, resolve_image_size, to_dict; "
-            "import vlmforge.recipe, vlmforge.revalidate; print('ok')")
+            "import vlmforge.recipe, vlmforge.build.revalidate; print('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.strip() == "ok", run.stderr
 

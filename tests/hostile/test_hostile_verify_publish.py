@@ -196,7 +196,7 @@ def test_publish_refuses_a_target_inside_the_set(capsys, art):
 
 
 def test_publish_removes_only_dead_publishes_leftovers(capsys, art, tmp_path):
-    from vlmforge.cache import _host
+    from vlmforge.core.workdirs import _host
 
     rels = tmp_path / "rels"
     (rels / f".r.publish-{_host()}-999999999").mkdir(parents=True)  # a dead publish's staging folder

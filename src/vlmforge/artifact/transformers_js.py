@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmforge.artifact.manifest import MANIFEST, check_verified
-from vlmforge.cache import owner_tag, remove_stale
+from vlmforge.core.workdirs import owner_tag, remove_stale
 from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.core.errors import ArtifactError, from_os_error
 from vlmforge.core.hashing import sha256_file

@@ -22,7 +22,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from vlmforge.revalidate import revalidate
+    from vlmforge.build.revalidate import revalidate
 
     checks = revalidate(Path(args.directory), checkpoint=args.checkpoint)
     print_checks(checks)

@@ -1,7 +1,7 @@
 """The import graph of a package, read from its source with `ast` (nothing is imported or executed).
 
 Two uses: the no-cycle test (module-level imports only: those run when a module is imported, so a cycle
-among them is a real import-order hazard) and the stage cache (`vlmforge.cache`), whose code key for a
+among them is a real import-order hazard) and the stage cache (`vlmforge.build.cache`), whose code key for a
 node is the digest of the source of every module the node can run: the transitive closure over *all*
 imports, those inside functions included, because a lazily imported module runs all the same.
 

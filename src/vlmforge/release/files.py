@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from vlmforge.artifact.manifest import RELEASE_FILES
-from vlmforge.cache import remove_stale
+from vlmforge.core.workdirs import remove_stale
 from vlmforge.core.errors import ArtifactError
 from vlmforge.core.hashing import sha256_file
 from vlmforge.core.paths import scan_tree

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from vlmforge.artifact.manifest import MANIFEST, read_manifest, verify_dir
-from vlmforge.cache import owner_tag
+from vlmforge.core.workdirs import owner_tag
 from vlmforge.core.errors import ArtifactError, from_os_error
 from vlmforge.core.hashing import CHUNK
 from vlmforge.core.paths import confine, open_regular

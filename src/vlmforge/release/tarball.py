@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 
 from vlmforge.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES
-from vlmforge.cache import owner_tag
+from vlmforge.core.workdirs import owner_tag
 from vlmforge.core.errors import ArtifactError, from_os_error
 from vlmforge.core.paths import is_safe_relative
 from vlmforge.release.files import SUMS, release_files, remove_dead_work
