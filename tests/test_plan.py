@@ -37,3 +37,17 @@ def test_plan_refuses_a_build_the_machine_cannot_hold_with_the_fix():
     assert "precision=int4_mixed" in text and "validate=off" in text and "memory_check=false" in text
     check_plan(plan, "x", enforce=False)  # memory_check=false: logged, not refused
     check_plan(BuildPlan(1, 4, 4, GB, GB, 20 * GB, 75 * GB), "x")  # fits: nothing raised
+
+
+def test_plan_refuses_a_too_small_or_read_only_output_disk_as_a_file_system_error(tmp_path):
+    from vlmforge.core.errors import FileSystemError
+
+    small = BuildPlan(1, 4, 4, GB, 70 * GB, 20 * GB, 5 * GB, str(tmp_path))
+    with pytest.raises(FileSystemError) as err:
+        check_plan(small, "x")
+    text = err.value.render()
+    assert "no space left" in text and "about 70.0 GiB is needed" in text and str(tmp_path) in text
+    check_plan(small, "x", enforce=False)  # memory_check=false: logged, not refused
+    read_only = BuildPlan(1, 4, 4, GB, GB, 20 * GB, 75 * GB, str(tmp_path), read_only=True)
+    with pytest.raises(FileSystemError, match="Read-only file system"):
+        check_plan(read_only, "x")

@@ -27,7 +27,7 @@ def image(tmp_path_factory):
 def test_one_artifact_set_with_steps_at_a_past(qwen25_392, work_dirs, image):
     from vlmforge.artifact.manifest import read_manifest
     from vlmforge.bench.run import ensure_build
-    from vlmforge.cli import recipes_dir
+    from vlmforge.recipe import recipes_dir
 
     # the session's build (a cache hit), through the driver's own entry, which also names the HF source
     directory, source = ensure_build([f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}",

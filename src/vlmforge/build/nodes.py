@@ -111,6 +111,7 @@ def validation(b, node, folder: Path) -> dict:
 
     t = time.perf_counter()
     cfg, family = b.cfg, b.family
+    log.info("validating against PyTorch (a reference pass, the model freed, then a graph pass)")
     with b.progress.step("validating against PyTorch"):
         dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(b.hf_config) > 0
         inp = SuiteInputs(family.key, b.staging, b.final_contracts, dict(b.precision), b.params, b.deepstack,

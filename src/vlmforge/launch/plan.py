@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmforge.core.errors import ResourceError
+from vlmforge.core.errors import ResourceError, from_os_error
 from vlmforge.launch.resources import BASE_BYTES, GB
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,15 @@ class BuildPlan:
     disk: int
     memory_available: int | None
     disk_available: int | None
+    out_dir: str = ""  # the folder the disk figures are for
+    read_only: bool = False  # that folder's file system is mounted read-only
 
     def describe(self) -> str:
-        avail = f"{self.memory_available / GB:.1f} GiB available" if self.memory_available else "available unknown"
-        disk = f"{self.disk_available / GB:.1f} GiB free" if self.disk_available is not None else "free unknown"
-        return (f"plan: {self.parameters / 1e9:.3f} B parameters, {self.fp32_bytes / GB:.2f} GiB as FP32, "
-                f"<= {self.target_bytes / GB:.2f} GiB at the target precision; predicted peak memory "
-                f"{self.peak_rss / GB:.1f} GiB ({avail}), disk {self.disk / GB:.1f} GiB ({disk})")
+        avail = f"{_human(self.memory_available)} available" if self.memory_available else "available unknown"
+        disk = f"{_human(self.disk_available)} free" if self.disk_available is not None else "free unknown"
+        return (f"plan: {self.parameters / 1e9:.3f} B parameters, {_human(self.fp32_bytes)} as FP32, "
+                f"<= {_human(self.target_bytes)} at the target precision; predicted peak memory "
+                f"{_human(self.peak_rss)} ({avail}), disk {_human(self.disk)} ({disk})")
 
 
 def memory_available() -> int | None:
@@ -84,25 +86,57 @@ def make_plan(parameters: int, precisions: dict[str, str], validate: bool, needs
     if "int4" in precisions.values():
         factor = max(factor, 1.0 + FACTOR_INT4)
     peak = BASE_BYTES + (int(fp32 * factor) if needs_model else 0)
-    return BuildPlan(parameters, fp32, target, peak, disk_bytes, memory_available(), _free_disk(Path(out_dir)))
+    return BuildPlan(parameters, fp32, target, peak, disk_bytes, memory_available(), _free_disk(Path(out_dir)),
+                     str(out_dir), _read_only(Path(out_dir)))
+
+
+def _read_only(path: Path) -> bool:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+            except OSError:
+                return False
+    return False
 
 
 def check_plan(plan: BuildPlan, where: str, enforce: bool = True) -> None:
     """Log the plan; refuse (ResourceError, exit 2) when the predicted peak memory or disk exceeds what the
     machine has. `enforce=False` (recipe key memory_check=false) logs the shortfall and goes on."""
     log.info("%s", plan.describe())
-    short = []
-    if plan.memory_available is not None and plan.peak_rss > plan.memory_available:
-        short.append(f"predicted peak memory {plan.peak_rss / GB:.1f} GiB > {plan.memory_available / GB:.1f} GiB available")
-    if plan.disk_available is not None and plan.disk > plan.disk_available:
-        short.append(f"predicted disk {plan.disk / GB:.1f} GiB > {plan.disk_available / GB:.1f} GiB free")
-    if not short:
+    _check_disk(plan, enforce)
+    if plan.memory_available is None or plan.peak_rss <= plan.memory_available:
         return
+    short = f"predicted peak memory {_human(plan.peak_rss)} > {_human(plan.memory_available)} available"
     if not enforce:
-        log.warning("memory_check=false: going on although %s", "; ".join(short))
+        log.warning("memory_check=false: going on although %s", short)
         return
     raise ResourceError(
-        f"this machine cannot hold the build: {'; '.join(short)} ({plan.parameters / 1e9:.2f} B parameters, "
-        f"{plan.fp32_bytes / GB:.1f} GiB as FP32)", where=where,
+        f"this machine cannot hold the build: {short} ({plan.parameters / 1e9:.2f} B parameters, "
+        f"{_human(plan.fp32_bytes)} as FP32)", where=where,
         fix="run on a machine with more memory (or free some), choose a smaller precision (precision=int4_mixed), "
             "export without validation (validate=off), or set memory_check=false to try anyway")
+
+
+def _check_disk(plan: BuildPlan, enforce: bool) -> None:
+    """A read-only or too-small output file system is refused before any work, with the same error a failed
+    write gets (FileSystemError: the path, the bytes needed and free)."""
+    import errno
+
+    code = errno.EROFS if plan.read_only else None
+    if code is None and plan.disk_available is not None and plan.disk > plan.disk_available:
+        if not enforce:
+            log.warning("memory_check=false: going on although the build needs about %s on %s (%s free)",
+                        _human(plan.disk), plan.out_dir, _human(plan.disk_available))
+            return
+        code = errno.ENOSPC
+    if code is not None:
+        raise from_os_error(OSError(code, os.strerror(code), plan.out_dir), "planning the build",
+                            where=plan.out_dir, needed=plan.disk)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
