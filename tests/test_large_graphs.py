@@ -64,17 +64,12 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _old_cast(src: Path, dst: Path) -> None:
-    """The whole-model conversion cast_fp16 did before (weights in memory, inline output): the reference."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """The whole-model conversion cast_fp16 did before (weights in memory, inline output), with the same
+    structure conversion (convert_structure, shared by both paths): the reference."""
+    from vlmforge.transforms.cast_fp16 import convert_structure
+    from vlmforge.transforms.graph import load_graph
 
-    from vlmforge.transforms.cast_fp16 import FP32_OPS, _drop_duplicate_nodes, rotary_nodes
-    from vlmforge.transforms.graph import load_graph, topological_sort
-
-    model = load_graph(src)
-    out = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_OPS),
-                                   node_block_list=sorted(rotary_nodes(model)), disable_shape_infer=False)
-    _drop_duplicate_nodes(out)
-    topological_sort(out)
+    out, _ = convert_structure(load_graph(src))
     onnx.save_model(out, str(dst))
 
 
