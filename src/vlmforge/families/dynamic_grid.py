@@ -125,6 +125,24 @@ def window_layout(coords: PatchCoords, merge: int, window: int, dtype) -> Segmen
     return segment_layout(segment, position, num_segments, window * window * merge * merge, dtype)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_segment_attention(qkv: torch.Tensor, layout: SegmentLayout, cos, sin, num_heads: int, head_dim: int,
+                           scaling: float) -> torch.Tensor:
+    """Self-attention with 2-D RoPE inside each segment (a window or a frame); qkv [N, 3C] -> [N, C], in the
+    patches' own order (before the block's `proj`). `cos`/`sin` are already gathered per segment."""
+    s, length = layout.num_segments, layout.length
+    batched = rows(qkv, layout.gather).reshape(s, length, 3, num_heads, head_dim)
+    q, k, v = batched.permute(2, 0, 3, 1, 4).unbind(0)  # [S, H, L, D]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    out = segment_attention(q, k, v, layout, scaling)  # [S, H, L, D]
+    return rows(out.transpose(1, 2).reshape(s * length, -1), layout.scatter)
+
+
 def segment_attention(q, k, v, layout: SegmentLayout, scaling: float) -> torch.Tensor:
     """softmax(q kᵀ · scaling + key bias) v on [S, H, L, D], the key bias folded into the product.
 

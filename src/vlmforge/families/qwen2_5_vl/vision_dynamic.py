@@ -20,7 +20,7 @@ from torch import nn
 from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.families import dynamic_grid as G
 from vlmforge.families.qwen2_5_vl import dims
-from vlmforge.families.qwen2_5_vl.vision import _rotate_half, _vision_cfg, _visual
+from vlmforge.families.qwen2_5_vl.vision import _vision_cfg, _visual
 
 STAGE = "vision"
 
@@ -67,15 +67,7 @@ class DynamicVisionForExport(nn.Module):
         return G.rows(cos, layout.gather).reshape(shape), G.rows(sin, layout.gather).reshape(shape)
 
     def _segment_attention(self, qkv: torch.Tensor, layout: G.SegmentLayout, cos, sin) -> torch.Tensor:
-        """Self-attention with 2-D RoPE inside each segment; qkv [N, 3C] -> [N, C] (before `proj`)."""
-        s, length = layout.num_segments, layout.length
-        batched = G.rows(qkv, layout.gather).reshape(s, length, 3, self.num_heads, self.head_dim)
-        q, k, v = batched.permute(2, 0, 3, 1, 4).unbind(0)  # [S, H, L, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = G.segment_attention(q, k, v, layout, self.scaling)  # [S, H, L, D]
-        out = out.transpose(1, 2).reshape(s * length, -1)
-        return G.rows(out, layout.scatter)
+        return G.rope_segment_attention(qkv, layout, cos, sin, self.num_heads, self.head_dim, self.scaling)
 
 
 def build_vision_module(hf_model) -> DynamicVisionForExport:

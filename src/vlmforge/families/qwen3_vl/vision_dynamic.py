@@ -23,7 +23,7 @@ from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.core.errors import ExportError
 from vlmforge.families import dynamic_grid as G
 from vlmforge.families.qwen3_vl import dims
-from vlmforge.families.qwen3_vl.vision import _rotate_half, _vision_cfg, _visual
+from vlmforge.families.qwen3_vl.vision import _vision_cfg, _visual
 
 STAGE = "vision"
 
@@ -74,14 +74,7 @@ class DynamicVisionForExport(nn.Module):
         return features, torch.stack(deepstack, dim=0)
 
     def _segment_attention(self, qkv: torch.Tensor, layout: G.SegmentLayout, cos, sin) -> torch.Tensor:
-        """Self-attention with 2-D RoPE inside each frame; qkv [N, 3C] -> [N, C] (before `proj`)."""
-        s, length = layout.num_segments, layout.length
-        batched = G.rows(qkv, layout.gather).reshape(s, length, 3, self.num_heads, self.head_dim)
-        q, k, v = batched.permute(2, 0, 3, 1, 4).unbind(0)  # [S, H, L, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = G.segment_attention(q, k, v, layout, self.scaling)  # [S, H, L, D]
-        return G.rows(out.transpose(1, 2).reshape(s * length, -1), layout.scatter)
+        return G.rope_segment_attention(qkv, layout, cos, sin, self.num_heads, self.head_dim, self.scaling)
 
 
 def interpolation_taps(coords: G.PatchCoords, side: int) -> tuple[torch.Tensor, torch.Tensor]:
