@@ -73,7 +73,7 @@ def _free_bytes(path: str) -> int | None:
         return None
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -91,8 +91,8 @@ def from_os_error(exc: OSError, doing: str, where: str = "", needed: int | None 
     code = exc.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path) if path else None
-        amount = f"about {_human(needed)} is needed" if needed else "more space is needed"
-        have = f", {_human(free)} is free there now" if free is not None else ""
+        amount = f"about {human_bytes(needed)} is needed" if needed else "more space is needed"
+        have = f", {human_bytes(free)} is free there now" if free is not None else ""
         return FileSystemError(f"no space left on the device while {doing} ({reason})", where=path,
                                fix=f"free space on the file system holding {path or 'the output folder'} "
                                    f"({amount}{have}), or point out_dir/cache_dir elsewhere")

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmforge.core.errors import ResourceError, from_os_error
+from vlmforge.core.errors import ResourceError, from_os_error, human_bytes as _human
 from vlmforge.launch.resources import BASE_BYTES, GB
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,3 @@ def _check_disk(plan: BuildPlan, enforce: bool) -> None:
         raise from_os_error(OSError(code, os.strerror(code), plan.out_dir), "planning the build",
                             where=plan.out_dir, needed=plan.disk)
 
-
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
