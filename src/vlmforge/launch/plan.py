@@ -133,4 +133,3 @@ def _check_disk(plan: BuildPlan, enforce: bool) -> None:
     if code is not None:
         raise from_os_error(OSError(code, os.strerror(code), plan.out_dir), "planning the build",
                             where=plan.out_dir, needed=plan.disk)
-
