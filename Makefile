@@ -20,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 MATRIX  ?= default
 FORCE_FLAG := $(if $(FORCE),--force,)
 
-.PHONY: help venv test export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits js-setup scale-check
+.PHONY: help venv test test-quick export-all export repro-check bench train-fixtures cluster-check clean distclean compare-commits js-setup scale-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,8 +43,14 @@ $(JS_STAMP): js/package.json js/package-lock.json
 
 js-setup: $(JS_STAMP)  ## install js/'s pinned Node packages (@huggingface/transformers 4.3.2) with npm ci
 
-test: $(STAMP) $(JS_STAMP)  ## run the test suite (CPU, tiny models, no network)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# pytest-xdist workers (one per CPU; TEST_WORKERS=0 runs in this process). The workers share one stage cache.
+TEST_WORKERS ?= auto
+
+test: $(STAMP) $(JS_STAMP)  ## run the whole test suite (CPU, tiny models, no network), the slow tests first
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+
+test-quick: $(STAMP) $(JS_STAMP)  ## the suite without the tests marked slow (whole builds through launchers, Ray)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 export-all: $(STAMP)  ## build, validate and describe every cell of recipes/matrix/$(MATRIX).yaml (one Hydra multirun)
 	$(VENV)/bin/vlmforge export-all --matrix $(MATRIX) $(FORCE_FLAG) $(OVERRIDES)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPES, compose
+from tests.conftest import RECIPES, compose, seed_cache
 from vlmforge.build import cache as C
 from vlmforge.artifact.manifest import verify_dir
 from vlmforge.progress import Progress
@@ -101,6 +101,33 @@ def test_a_dead_writers_temp_folder_is_removed_on_a_cache_hit_too(tmp_path):
     assert hit and not dead.exists() and (entry.path / "vision.onnx").read_bytes() == b"whole"
 
 
+_RACER = """
+import sys, time
+from pathlib import Path
+from vlmforge.build.cache import StageCache
+
+def fill(tmp):
+    with open(sys.argv[2], "a") as log:
+        log.write("fill\\n")
+    time.sleep(1.0)  # long enough that the other process asks for the key while this one builds it
+    (tmp / "vision.onnx").write_bytes(b"built once")
+    return {}
+
+entry, hit = StageCache(Path(sys.argv[1])).get_or_build("fam", "vision", "34" * 32, {}, fill)
+print("hit" if hit else "built", entry.path.joinpath("vision.onnx").read_bytes().decode())
+"""
+
+
+def test_two_processes_asking_for_one_key_build_it_once(tmp_path):
+    """The per-key flock that parallel matrix cells rely on: one process builds, the other waits and hits."""
+    log = tmp_path / "fills.log"
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(log)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert outs == ["built built once", "hit built once"] and log.read_text() == "fill\n"
+
+
 def test_force_rebuilds_an_existing_entry(tmp_path):
     key = "34" * 32
     C.StageCache(tmp_path).get_or_build("fam", "vision", key, {}, _write("vision.onnx", b"old"))
@@ -174,9 +201,12 @@ def test_second_build_is_up_to_date_without_loading_the_model(qwen25_392, work_d
     assert [c.to_json() for c in report.checks] == [c.to_json() for c in qwen25_392.checks]
 
 
-def test_killed_build_leaves_nothing_verifiable_and_the_next_run_resumes(work_dirs, tmp_path):
-    """SIGKILL while the decoder is exported; the re-run reuses vision and embedding and publishes."""
+@pytest.mark.slow
+def test_killed_build_leaves_nothing_verifiable_and_the_next_run_resumes(qwen25_392, work_dirs, tmp_path):
+    """SIGKILL while the decoder is exported; the re-run reuses vision and embedding and publishes. The test's
+    own cache starts with the session's vision and embedding entries, so only the decoder is exported here."""
     out, cache = tmp_path / "out", tmp_path / "cache"
+    seed_cache(work_dirs["cache"], cache, "qwen2_5_vl", ("vision", "embedding"))
     ckpt = resolve_checkpoint("fixture:qwen2_5_vl", None, work_dirs["cache"], "test")  # the session's fixture
     argv = [sys.executable, "-m", "vlmforge.cli", "--recipes", str(RECIPES), "export", f"out_dir={out}",
             f"cache_dir={cache}", f"model.checkpoint={ckpt}", "validate.chain_tokens=4"]

@@ -72,6 +72,7 @@ def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[int, str, str]:
 
 
 # -- Ray for real ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ray_runs_the_smoke_matrix_and_a_killed_worker_fails_only_its_cell(qwen25_392, work_dirs, tmp_path):
     """Run 1: both cells as Ray tasks on a local Ray (2 CPUs, 200 MB object store, no dashboard, loopback);
     the FP16 cell's worker is SIGKILLed while it validates, with retries off. Run 2 (one retry allowed, the
@@ -117,6 +118,7 @@ def test_ray_runs_the_smoke_matrix_and_a_killed_worker_fails_only_its_cell(qwen2
     assert "0 queued, 0 running, 2 done, 0 failed" in err
 
 
+@pytest.mark.slow
 def test_ray_refuses_a_cell_no_node_can_hold_before_it_starts(work_dirs, tmp_path):
     """A task asking for more than any node has would wait forever; it is an error before submission."""
     out = tmp_path / "out"

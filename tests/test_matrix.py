@@ -100,6 +100,7 @@ def test_a_launcher_that_is_not_installed_is_a_recipe_error(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_cell_does_not_stop_the_others(capsys, qwen25_392, work_dirs, tmp_path):
     """Basic (in-process) launcher; the FP16 cell fails its validation, the FP32 cell still builds."""
     out = tmp_path / "out"
@@ -117,14 +118,18 @@ def test_a_failed_cell_does_not_stop_the_others(capsys, qwen25_392, work_dirs, t
     assert result["status"] == "FAILED" and result["error"].startswith("ValidationFailed")
 
 
+@pytest.mark.slow
 def test_joblib_launcher_builds_two_cells_in_parallel(qwen25_392, work_dirs, tmp_path):
-    """Two real jobs in two worker processes (joblib/loky): FP32 and FP16 of the tiny Qwen2.5-VL."""
+    """Two real jobs in two worker processes (joblib/loky): FP32 and FP16 of the tiny Qwen2.5-VL. Their FP32
+    exports come from the session's cache (two processes building one key is test_cache's
+    test_two_processes_asking_for_one_key_build_it_once); chain_tokens=5 is this test's own validation key,
+    so both cells validate, at the same time, in their own processes."""
     from vlmforge.source import fixture_dir
 
-    out, cache = tmp_path / "out", tmp_path / "cache"  # a fresh stage cache: both cells do real work
+    out, cache = tmp_path / "out", work_dirs["cache"]
     argv = [sys.executable, "-m", "vlmforge.cli", "--recipes", str(RECIPES), "export-all", "--matrix", "smoke",
             f"out_dir={out}", f"cache_dir={cache}", f"model.checkpoint={fixture_dir(work_dirs['cache'], 'qwen2_5_vl')}",
-            "validate.chain_tokens=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+            "validate.chain_tokens=5", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in run.stderr
@@ -141,5 +146,5 @@ def test_joblib_launcher_builds_two_cells_in_parallel(qwen25_392, work_dirs, tmp
     a, b = results
     assert a["pid"] != b["pid"] and a["pid"] != os.getpid()  # two worker processes
     assert max(a["started"], b["started"]) < min(a["ended"], b["ended"])  # that ran at the same time
-    # The FP16 cell took the FP32 exports from the cache (built once, by whichever cell got there first).
     assert sorted(r["directory"].rsplit("/", 1)[1] for r in results) == ["fp16-392", "fp32-392"]
+    assert all("validating against PyTorch" in (out / "logs" / f"{n}.log").read_text() for n in rows)

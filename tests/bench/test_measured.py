@@ -54,6 +54,7 @@ def test_one_artifact_set_with_steps_at_a_past(qwen25_392, work_dirs, image):
     json.dumps([r.to_json() for r in rows])  # the JSON holds plain types only
 
 
+@pytest.mark.slow
 def test_make_bench_end_to_end_on_the_tiny_fixture(tmp_path, work_dirs):
     out = tmp_path / "bench.json"
     rc = main(["--skip-mid", "--repeats", "1", "--tokens", "4", "--tiny-tokens", "8", "--out", str(out),

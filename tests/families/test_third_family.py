@@ -67,6 +67,7 @@ def _vlmforge(env, *args, cwd=REPO):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_third_family_from_a_temporary_folder_builds_end_to_end(third_family):
     env, root = third_family
     out, cache = root / "artifacts", root / "cache"
