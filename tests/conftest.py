@@ -56,3 +56,13 @@ def qwen3_384(build):
 @pytest.fixture(scope="session")
 def qwen3_384_drop(build):
     return build("model=tiny_qwen3_vl", "vision=small", "model.deepstack=drop")
+
+
+@pytest.fixture(scope="session")
+def qwen25_dynamic(build):
+    return build("model=tiny_qwen2_5_vl", "vision=dynamic")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dynamic(build):
+    return build("model=tiny_qwen3_vl", "vision=dynamic")
