@@ -107,3 +107,27 @@ def test_bad_pixel_budget_is_a_recipe_error(capsys, tmp_path, work_dirs, overrid
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and needle in err and "fix:" in err, err
     assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_fp16_dynamic_vision_graph_follows_fp32(family_build, tmp_path):
+    """precision=fp16 and int4_mixed cast the dynamic vision graph: its rotary path starts at image_grid_thw,
+    which stays FP32 (integer positions), and the FP16 graph follows the FP32 one on real grids, several
+    images in one call included (a full fp16 / int4_mixed dynamic build validates like a fixed one)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from vlmforge.fixtures.images import sample_image
+    from vlmforge.host.dynamic import DynamicImageParams
+    from vlmforge.transforms.cast_fp16 import cast_fp16
+
+    _, report, _ = family_build
+    record = cast_fp16(report.directory / "vision.onnx", tmp_path / "vision.onnx")
+    assert record["fp32_rotary_nodes"] > 0
+    params = DynamicImageParams.from_json(_manifest(report)["components"]["vision"]["preprocess"])
+    pv, grid = params.patches([sample_image(5, size=(451, 300)), sample_image(6, size=(260, 700))])
+    feeds = {"pixel_values": pv, "image_grid_thw": grid}
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for p in (report.directory / "vision.onnx", tmp_path / "vision.onnx")]
+    for fp32, fp16 in zip(*outs, strict=True):
+        a, b = fp32.reshape(-1).astype(np.float64), fp16.reshape(-1).astype(np.float64)
+        assert fp16.shape == fp32.shape and a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
