@@ -58,11 +58,13 @@ def qwen3_384_drop(build):
     return build("model=tiny_qwen3_vl", "vision=small", "model.deepstack=drop")
 
 
+# The vision=dynamic builds (one per family, shared by every dynamic test). Their embedding and decoder are
+# the fixed builds' cache entries; 16 chain tokens per prompt (of 5 prompts) keep the validation short.
 @pytest.fixture(scope="session")
 def qwen25_dynamic(build):
-    return build("model=tiny_qwen2_5_vl", "vision=dynamic")
+    return build("model=tiny_qwen2_5_vl", "vision=dynamic", "validate.chain_tokens=16")
 
 
 @pytest.fixture(scope="session")
 def qwen3_dynamic(build):
-    return build("model=tiny_qwen3_vl", "vision=dynamic")
+    return build("model=tiny_qwen3_vl", "vision=dynamic", "validate.chain_tokens=16")
