@@ -72,6 +72,10 @@ SESSION_SETS = {
     "qwen25_392": ("model=tiny_qwen2_5_vl", "vision=small"),
     "qwen3_384": ("model=tiny_qwen3_vl", "vision=small"),
     "qwen3_384_drop": ("model=tiny_qwen3_vl", "vision=small", "model.deepstack=drop"),
+    # The vision=dynamic builds (one per family, shared by every dynamic test). Their embedding and decoder are
+    # the fixed builds' cache entries; 16 chain tokens per prompt (of 5 prompts) keep the validation short.
+    "qwen25_dynamic": ("model=tiny_qwen2_5_vl", "vision=dynamic", "validate.chain_tokens=16"),
+    "qwen3_dynamic": ("model=tiny_qwen3_vl", "vision=dynamic", "validate.chain_tokens=16"),
 }
 
 
@@ -88,6 +92,16 @@ def qwen3_384(build):
 @pytest.fixture(scope="session")
 def qwen3_384_drop(build):
     return build(*SESSION_SETS["qwen3_384_drop"])
+
+
+@pytest.fixture(scope="session")
+def qwen25_dynamic(build):
+    return build(*SESSION_SETS["qwen25_dynamic"])
+
+
+@pytest.fixture(scope="session")
+def qwen3_dynamic(build):
+    return build(*SESSION_SETS["qwen3_dynamic"])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -72,8 +72,9 @@ def node_code(follow, files_only=(), graph: ModuleGraph | None = None) -> str:
     return h.hexdigest()
 
 
-def export_code(family, family_module: str, stage: str, graph: ModuleGraph | None = None) -> str:
-    spec = family.stage(stage)
+def export_code(family, family_module: str, stage: str, graph: ModuleGraph | None = None,
+                dynamic: bool = False) -> str:
+    spec = family.stage(stage, dynamic=dynamic)
     return node_code([module_of(spec.export), module_of(spec.contract), LOADER, STAGE_LOADER], [family_module], graph)
 
 

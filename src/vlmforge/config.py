@@ -55,7 +55,10 @@ class PrecisionConfig:
 
 @dataclass
 class VisionConfig:
-    size: str = "small"  # small | large | an explicit side in pixels
+    size: str = "small"  # small | large | an explicit side in pixels | dynamic (any size within a pixel budget)
+    # vision=dynamic only: the smart_resize pixel budget; None = the checkpoint's preprocessor_config.json
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
 
 
 @dataclass
@@ -191,6 +194,32 @@ def check(cfg: BuildConfig, recipe: str) -> None:
             raise RecipeError(f"validate.images[{i}]={img!r} is not an image file", where=f"{recipe}: validate.images",
                               fix="list paths of existing image files (PNG, JPEG, ...)")
     check_tolerances(v.tolerances, recipe)
+    check_vision(cfg.vision, recipe)
+
+
+DYNAMIC = "dynamic"  # vision.size of a dynamic-resolution build
+PIXEL_KEYS = ("min_pixels", "max_pixels")
+
+
+def check_vision(vision: VisionConfig, recipe: str) -> None:
+    """min/max pixels: positive integers, min <= max, and only for vision=dynamic (a fixed size has no
+    pixel budget). Bounds left null are the checkpoint's; the build checks them once it has read it."""
+    dynamic = str(vision.size).strip().lower() == DYNAMIC
+    for key in PIXEL_KEYS:
+        value = getattr(vision, key)
+        if value is None:
+            continue
+        if not dynamic:
+            raise RecipeError(f"vision.{key}={value!r} is set but vision.size={vision.size!r} is a fixed size",
+                              where=f"{recipe}: vision.{key}",
+                              fix=f"use vision=dynamic for a pixel budget, or drop vision.{key}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise RecipeError(f"vision.{key}={value!r} must be a positive integer (pixels)", where=f"{recipe}: vision.{key}",
+                              fix=f"set vision.{key} to a number of pixels, e.g. {256 * 28 * 28}, or null for the "
+                                  "checkpoint's preprocessor_config.json")
+    if vision.min_pixels is not None and vision.max_pixels is not None and vision.min_pixels > vision.max_pixels:
+        raise RecipeError(f"vision.min_pixels={vision.min_pixels} is larger than vision.max_pixels={vision.max_pixels}",
+                          where=f"{recipe}: vision", fix="set min_pixels <= max_pixels")
 
 
 # int4_weights: an INT4 graph against PyTorch running the same dequantized weights (validators/same_weights.py)
@@ -224,9 +253,15 @@ def check_tolerances(tolerances, recipe: str) -> None:
                                       fix=f"set {key}.{metric} to a finite number, e.g. 5.0e-5")
 
 
-def resolve_image_size(size: str, family, where: str) -> int:
-    """small/large pick the family's standard sizes; digits are checked against the family's patch grid."""
+def resolve_image_size(size: str, family, where: str) -> int | None:
+    """small/large pick the family's standard sizes; digits are checked against the family's patch grid;
+    dynamic is None (any size: the family's dynamic-resolution vision stage)."""
     s = str(size).strip().lower()
+    if s == DYNAMIC:
+        if family.dynamic_vision is None:
+            raise RecipeError(f"vision=dynamic: {family.display_name} has no dynamic-resolution vision stage",
+                              where=where, fix=f"use vision=small, vision=large or e.g. vision.size={family.default_sizes[0]}")
+        return None
     if s == "small":
         return family.default_sizes[0]
     if s == "large":
@@ -235,7 +270,7 @@ def resolve_image_size(size: str, family, where: str) -> int:
         raise RecipeError(
             f"vision.size={size!r} is neither small, large nor a number of pixels",
             where=where,
-            fix=f"use vision=small, vision=large or e.g. vision.size={family.default_sizes[0]}",
+            fix=f"use vision=small, vision=large, vision=dynamic or e.g. vision.size={family.default_sizes[0]}",
         )
     value = int(s)
     family.check_image_size(value, where)
@@ -243,4 +278,11 @@ def resolve_image_size(size: str, family, where: str) -> int:
 
 
 def to_dict(cfg: BuildConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The recipe as plain data. The pixel budget is a key of dynamic builds only: a fixed-size recipe is
+    recorded without it (as before the key existed), so its manifest is unchanged."""
+    data = dataclasses.asdict(cfg)
+    if str(cfg.vision.size).strip().lower() != DYNAMIC:
+        for key in PIXEL_KEYS:
+            if data["vision"][key] is None:
+                del data["vision"][key]
+    return data

@@ -68,6 +68,9 @@ def check_spec(key: str, spec, where: str) -> FamilySpec:
     for stage in STAGES:
         for name, arity in STAGE_ARITY.items():
             _check_callable(getattr(spec.stages[stage], name), arity, f"FAMILY.stages[{stage!r}].{name}", where)
+    if spec.dynamic_vision is not None:
+        for name, arity in STAGE_ARITY.items():
+            _check_callable(getattr(spec.dynamic_vision, name), arity, f"FAMILY.dynamic_vision.{name}", where)
     if spec.trained is not None:
         _check_callable(spec.trained.config_dict, 0, "FAMILY.trained.config_dict", where)
         _check_callable(spec.trained.image_processor_config, 0, "FAMILY.trained.image_processor_config", where)

@@ -50,6 +50,9 @@ def write_runtime_configs(directory: Path, family_key: str, genai_type: str | No
     tc = hf_config.text_config
     ids = token_ids(hf_config, _generation_config(directory))
     loadable, reason = genai_loadable(family_key, genai_type, deepstack)
+    if loadable and getattr(params, "dynamic", False):
+        loadable, reason = False, ("the processor_config.json of a vision=dynamic set (smart_resize) is not written "
+                                   "yet; onnxruntime-genai loads the fixed-size sets")
     runtime = {
         "format": "vlmforge-runtime",
         "version": 1,

@@ -30,20 +30,32 @@ log = logging.getLogger(__name__)
 
 RUNTIME_FILES = TOKENIZER_FILES + ("preprocessor_config.json", "generation_config.json")
 # The options each stage's export reads (StageOptions fields). Image size reaches the vision graph only, so
-# vision=small and vision=large share one embedding and one decoder export.
+# vision=small and vision=large share one embedding and one decoder export. The pixel budget of a dynamic
+# build shapes no graph (the dynamic vision graph takes any grid): only the preprocessing and the validation.
 STAGE_READS = {"vision": ("image_size", "deepstack"), "embedding": ("deepstack",), "decoder": ("deepstack",)}
 
 
 @dataclass(frozen=True)
 class StageOptions:
-    image_size: int
+    image_size: int | None  # None: vision=dynamic (the family's dynamic_vision stage)
     deepstack: bool
+    min_pixels: int | None = None  # vision=dynamic: the smart_resize pixel budget (resolved, never None there)
+    max_pixels: int | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.image_size is None
 
 
 def stage_options(stage: str, options: StageOptions) -> StageOptions:
     """The options an export sees: only those its cache key holds (STAGE_READS); the others are None, so a
     stage that starts reading one fails loudly instead of reusing a graph built for another value."""
     return StageOptions(**{k: (v if k in STAGE_READS[stage] else None) for k, v in dataclasses.asdict(options).items()})
+
+
+def stage_spec(b, stage: str):
+    """The family's StageSpec of `stage` in this build (the dynamic vision stage for vision=dynamic)."""
+    return b.family.stage(stage, dynamic=b.options.dynamic)
 
 
 # -- graphs ----------------------------------------------------------------------------------------------------------
@@ -54,7 +66,7 @@ def export(b, node, folder: Path) -> dict:
     # Only the stage's weights, freed after it (vlmforge.loading); a model already loaded whole is used as it is.
     with b.progress.step(f"{stage}: exporting"), stage_model(
             b.source, b.hf_config, stage, b.cfg.model.load_dtype, b._model) as model:
-        b.family.stage(stage).export(model, stage_options(stage, b.options), folder / f"{stage}.onnx")
+        stage_spec(b, stage).export(model, stage_options(stage, b.options), folder / f"{stage}.onnx")
     b.timings[node.timing] = time.perf_counter() - t
     return {"contract": b.contracts[stage].to_json()}
 
@@ -85,10 +97,14 @@ def graph_bytes(path: Path) -> int:
 def runtime_configs(b, node, staging: Path) -> dict:
     """Tokenizer and processor files from the checkpoint, and the runtime configs written from the contracts."""
     from vlmforge.artifact.runtime_configs import write_runtime_configs
-    from vlmforge.host.image import image_params
+    from vlmforge.host.image import dynamic_image_params, image_params
 
     _copy_runtime_files(b.source.path, staging)
-    b.params = image_params(b.source.path, b.hf_config, b.options.image_size, b.family.image.mean, b.family.image.std)
+    mean, std = b.family.image.mean, b.family.image.std
+    if b.options.dynamic:
+        b.params = dynamic_image_params(b.source.path, b.hf_config, b.options.min_pixels, b.options.max_pixels, mean, std)
+    else:
+        b.params = image_params(b.source.path, b.hf_config, b.options.image_size, mean, std)
     write_runtime_configs(staging, b.family.key, b.family.genai_type, b.hf_config, b.final_contracts, b.params,
                           b.deepstack)
     return {}
@@ -118,20 +134,32 @@ def validation(b, node, folder: Path) -> dict:
                           tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
                           fp32_directory=b.scratch if node.scratch else None)
         # run_suite takes the model (b.take_model) for its PyTorch pass and frees it before the graph pass
-        result = run_suite(inp, b.take_model, b.source.path, cfg.validate, validation_images(cfg.validate))
+        images = validation_images(cfg.validate, b.options.dynamic)
+        result = run_suite(inp, b.take_model, b.source.path, cfg.validate, images)
     b.timings[node.timing] = time.perf_counter() - t
     b.checks = (result.checks, result.variant)  # as measured; the record holds them rounded (CheckResult.to_json)
     return {"checks": [c.to_json() for c in result.checks], "variant": result.variant}
 
 
-def validation_images(vcfg) -> list:
+# (width, height) of the built-in validation images of a dynamic build, one per seed in turn: a square, an odd
+# size smart_resize has to round (451x300), a portrait; none a multiple of the patch factor
+DYNAMIC_SIZES = ((500, 500), (451, 300), (300, 620))
+
+
+def validation_images(vcfg, dynamic: bool = False) -> list:
+    """The user's images as they are, or the built-in ones: squares for a fixed size; for a dynamic build
+    one image per aspect ratio of DYNAMIC_SIZES (at least three, seeds reused in turn)."""
     from vlmforge.host.preprocess import load_image
 
     if vcfg.images:
         return [load_image(p) for p in vcfg.images]
     from vlmforge.fixtures.images import sample_image
 
-    return [sample_image(seed, size=(500, 500)) for seed in vcfg.image_seeds]
+    if not dynamic:
+        return [sample_image(seed, size=(500, 500)) for seed in vcfg.image_seeds]
+    n = max(len(vcfg.image_seeds), len(DYNAMIC_SIZES))
+    return [sample_image(vcfg.image_seeds[i % len(vcfg.image_seeds)], size=DYNAMIC_SIZES[i % len(DYNAMIC_SIZES)])
+            for i in range(n)]
 
 
 def checks_of(b) -> tuple[list[CheckResult], dict]:
@@ -171,7 +199,9 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
     comps = {}
     for stage, c in contracts.items():
         comp = {"file": f"{stage}.onnx", "precision": getattr(cfg.precision, stage), **c.to_json()}
-        if stage == "vision":
+        if stage == "vision" and getattr(params, "size", None) is None:  # vision=dynamic
+            comp.update(vision="dynamic", preprocess=params.to_json())
+        elif stage == "vision":
             comp.update(image_size=params.size, tokens_per_image=params.tokens_per_image,
                         grid_thw=[1, params.size // params.patch_size, params.size // params.patch_size],
                         preprocess=params.to_json())

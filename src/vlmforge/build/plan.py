@@ -122,19 +122,46 @@ class Build:
         return one * (2 if same else 1)
 
 
-def open_build(cfg: BuildConfig, family, source, final: Path, image_size: int, progress: Progress) -> Build:
-    """Read the checkpoint's config (no weights) and work out what the build makes."""
+def open_build(cfg: BuildConfig, family, source, final: Path, image_size: int | None, progress: Progress) -> Build:
+    """Read the checkpoint's config (no weights) and work out what the build makes. `image_size` None:
+    vision=dynamic, whose pixel budget is the recipe's or else the checkpoint's."""
     hf_config = load_hf_config(source, cfg.model.trust_remote_code)
     family.check_checkpoint_config(hf_config, str(source.path / "config.json"))
     parameters = check_model_size(source, hf_config)
     deepstack = family.deepstack_layers(hf_config) > 0 and cfg.model.deepstack == "keep"
-    options = StageOptions(image_size=image_size, deepstack=deepstack)
-    contracts = {s: family.stage(s).contract(hf_config, options) for s in STAGES}
+    bounds = pixel_budget(cfg, source) if image_size is None else (None, None)
+    options = StageOptions(image_size=image_size, deepstack=deepstack, min_pixels=bounds[0], max_pixels=bounds[1])
+    contracts = {s: family.stage(s, dynamic=options.dynamic).contract(hf_config, options) for s in STAGES}
     precision = {s: getattr(cfg.precision, s) for s in STAGES}
     final_contracts = {s: precision_contract(c, precision[s], cfg.precision) for s, c in contracts.items()}
     staging, scratch = work_dirs(final)
     return Build(cfg, family, source, final, progress, hf_config, options, parameters, precision, contracts,
                  final_contracts, staging, scratch)
+
+
+def pixel_budget(cfg: BuildConfig, source) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a dynamic build: vision.min_pixels / max_pixels, each null one from the
+    checkpoint's preprocessor_config.json as HF's processor reads it; a bad pair is a recipe error."""
+    import json
+
+    from vlmforge.core.errors import InputError, RecipeError
+    from vlmforge.host.dynamic import pixel_bounds
+
+    where = "checkpoint preprocessor_config.json"
+    lo, hi = cfg.vision.min_pixels, cfg.vision.max_pixels
+    if lo is None or hi is None:
+        path = checkpoint_file(Path(source.path), "preprocessor_config.json", where)
+        try:
+            ck_lo, ck_hi = pixel_bounds(json.loads(path.read_text()), str(path))
+        except (InputError, ValueError) as exc:
+            raise CheckpointError(f"vision=dynamic needs the checkpoint's pixel bounds: {exc}", where=str(path),
+                                  fix="set vision.min_pixels and vision.max_pixels in the recipe") from None
+        lo, hi = (ck_lo if lo is None else lo), (ck_hi if hi is None else hi)
+    if lo > hi:
+        raise RecipeError(f"vision=dynamic: min_pixels={lo} is larger than max_pixels={hi} (null keys come from "
+                          "the checkpoint's preprocessor_config.json)", where="recipe keys vision.min_pixels/max_pixels",
+                          fix="set vision.min_pixels <= vision.max_pixels")
+    return int(lo), int(hi)
 
 
 def precision_contract(contract, precision: str, pcfg):
@@ -199,7 +226,7 @@ def _export_node(b: Build, stage: str, src: dict, tools: dict, run: Callable, be
         "toolchain": tools,
     }
     return Node(f"export.{stage}", run, inputs, slot=stage, stage=stage, output="scratch" if behind else "set",
-                code=codekey.export_code(b.family, family_module(b.family.key), stage),
+                code=codekey.export_code(b.family, family_module(b.family.key), stage, dynamic=b.options.dynamic),
                 label=f"{stage} (FP32 export)" if behind else stage, done="exported in {seconds:.1f} s (cache {short})",
                 timing=f"export.{stage}")
 

@@ -30,13 +30,14 @@ FAILED_MARKER = ".vlmforge-failed"  # written into `<name>.failed/`: the build o
 LOGS = "logs"  # beside the artifact sets of a model: per-build timings
 
 
-def artifact_dir(cfg: BuildConfig, image_size: int, recipe: str = "recipe") -> Path:
+def artifact_dir(cfg: BuildConfig, image_size: int | None, recipe: str = "recipe") -> Path:
     """`<out_dir>/<model.name>/<name>`. Both names are single plain folder names, so a set can only land
     inside out_dir, and never on the logs folder or a working folder."""
     suffix = "-nodeepstack" if cfg.model.deepstack == "drop" else ""
     fix = "use letters, digits, '.', '_', '+' or '-' (no '/', no leading '.'), e.g. name=fp32-392-test"
     model = check_name(cfg.model.name, "model.name", f"{recipe}: model.name", RecipeError, fix)
-    name = check_name(cfg.name or f"{cfg.precision.name}-{image_size}{suffix}", "name", f"{recipe}: name",
+    size = "dynamic" if image_size is None else image_size  # None: vision=dynamic
+    name = check_name(cfg.name or f"{cfg.precision.name}-{size}{suffix}", "name", f"{recipe}: name",
                       RecipeError, fix)
     if name == LOGS or name.endswith(".failed"):
         raise RecipeError(f"name={name!r} is reserved (the build writes {LOGS}/ and <name>.failed/ itself)",

@@ -10,6 +10,7 @@ from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
 from vlmforge.source import load_model, open_source
+from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult
 from vlmforge.validators.suite import SuiteInputs, run_suite
@@ -46,10 +47,12 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     family = get_family(m["family"])
     hf_config = load_hf_config(source, cfg.model.trust_remote_code)
     check_model_size(source, hf_config)
-    size = m["components"]["vision"]["image_size"]
+    vision = m["components"]["vision"]
+    dynamic = vision.get("vision") == "dynamic"
+    size = None if dynamic else vision["image_size"]
     deepstack = family.deepstack_layers(hf_config) > 0 and cfg.model.deepstack == "keep"
     opts = StageOptions(size, deepstack)
-    contracts = {s: family.stage(s).contract(hf_config, opts) for s in ("vision", "embedding", "decoder")}
+    contracts = {s: family.stage(s, dynamic=dynamic).contract(hf_config, opts) for s in ("vision", "embedding", "decoder")}
     for s, c in contracts.items():
         if c.to_json() != {k: m["components"][s][k] for k in ("inputs", "outputs")}:
             raise CheckpointError(f"the {s} contract this checkpoint implies differs from the one in the manifest: "
@@ -58,8 +61,11 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
                                   fix="pass --checkpoint with the original checkpoint, or rebuild the set")
     precisions = {s: m["components"][s]["precision"] for s in contracts}
     dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(hf_config) > 0
-    params = image_params(source.path, hf_config, size, family.image.mean, family.image.std)
+    if dynamic:  # the pixel budget the set was built with (its manifest), not today's checkpoint default
+        params = DynamicImageParams.from_json(vision["preprocess"])
+    else:
+        params = image_params(source.path, hf_config, size, family.image.mean, family.image.std)
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
     loader = lambda: load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)  # noqa: E731
-    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate)).checks
+    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic)).checks

@@ -79,6 +79,8 @@ class FamilySpec:
     # hf_model -> context manager running the HF model without DeepStack (families that have it)
     deepstack_off: Callable[[Any], Any] | None = None
     stages: dict[str, StageSpec] = field(default_factory=dict)
+    # the vision stage of a `vision=dynamic` build (any grid, several images per call); None: fixed sizes only
+    dynamic_vision: StageSpec | None = None
     # stage -> the prefixes of the HF model's parameter names the stage's export reads (vlmforge.loading
     # materialises only those); a stage not listed reads the whole model
     stage_weights: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -86,7 +88,13 @@ class FamilySpec:
     # transformers' layout (None: the same names)
     checkpoint_name: Callable[[str], str] | None = None
 
-    def stage(self, name: str) -> StageSpec:
+    def stage(self, name: str, dynamic: bool = False) -> StageSpec:
+        """The StageSpec of stage `name`; `dynamic`: the dynamic-resolution one for the vision stage."""
+        if dynamic and name == "vision":
+            if self.dynamic_vision is None:
+                raise RecipeError(f"family {self.key} has no dynamic-resolution vision stage",
+                                  where=f"registry of family {self.key}", fix="use a fixed vision size")
+            return self.dynamic_vision
         if name not in self.stages:
             raise RecipeError(
                 f"family {self.key} has no stage {name!r}",

@@ -89,6 +89,7 @@ class DynamicImageParams:
     max_pixels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    dynamic = True  # any size within the pixel budget (host.image.ImageParams: False)
 
     @property
     def factor(self) -> int:
@@ -109,6 +110,22 @@ class DynamicImageParams:
             merge_size=self.merge_size, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
             mean=self.mean, std=self.std) for img in images]
         return np.concatenate([p for p, _ in parts]), np.concatenate([g for _, g in parts])
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """`<|image_pad|>` tokens `image` (PIL, any size) becomes."""
+        width, height = image.size
+        return self.tokens(height, width)
+
+    @property
+    def hf_size(self) -> dict:
+        """The `size` HF's image processor is given for this pixel budget (its smart_resize bounds)."""
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DynamicImageParams":
+        return cls(int(data["patch_size"]), int(data["temporal_patch_size"]), int(data["merge_size"]),
+                   int(data["min_pixels"]), int(data["max_pixels"]), tuple(float(x) for x in data["mean"]),
+                   tuple(float(x) for x in data["std"]))
 
     def tokens(self, height: int, width: int) -> int:
         """`<|image_pad|>` tokens an image of this size becomes."""

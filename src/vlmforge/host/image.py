@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.preprocess import image_to_patches
 
 
@@ -25,6 +26,7 @@ class ImageParams:
     merge_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    dynamic = False  # a fixed size (host.dynamic.DynamicImageParams: True)
 
     def patches(self, image) -> tuple[np.ndarray, np.ndarray]:
         return image_to_patches(
@@ -36,17 +38,39 @@ class ImageParams:
     def tokens_per_image(self) -> int:
         return (self.size // self.patch_size // self.merge_size) ** 2
 
+    def image_tokens(self, image) -> int:
+        """`<|image_pad|>` tokens `image` becomes: the same for every image at a fixed size."""
+        return self.tokens_per_image
+
+    @property
+    def hf_size(self) -> dict:
+        """The `size` HF's image processor is given to land on this set's input (square inputs land exactly)."""
+        return {"shortest_edge": self.size * self.size, "longest_edge": self.size * self.size}
+
     def to_json(self) -> dict:
         return {"size": self.size, "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
                 "merge_size": self.merge_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def _preprocessor_config(source_path: Path) -> dict:
+    cfg_path = Path(source_path) / "preprocessor_config.json"
+    return json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+
+def dynamic_image_params(source_path: Path, hf_config, min_pixels: int, max_pixels: int, default_mean,
+                         default_std) -> DynamicImageParams:
+    """The preprocessing of a vision=dynamic set: as `image_params`, with the pixel budget instead of a size
+    (resolved by the build: the recipe's, or the checkpoint's)."""
+    fixed = image_params(source_path, hf_config, 0, default_mean, default_std)
+    return DynamicImageParams(fixed.patch_size, fixed.temporal_patch_size, fixed.merge_size, int(min_pixels),
+                              int(max_pixels), fixed.mean, fixed.std)
 
 
 def image_params(source_path: Path, hf_config, size: int, default_mean, default_std) -> ImageParams:
     """Read the checkpoint's preprocessor_config.json; the vision config fills the grid facts it lacks and the
     family's defaults (FamilySpec.image) the mean/std."""
     vc = hf_config.vision_config
-    cfg_path = Path(source_path) / "preprocessor_config.json"
-    pp = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    pp = _preprocessor_config(source_path)
     return ImageParams(
         size=size,
         patch_size=int(pp.get("patch_size", vc.patch_size)),

@@ -47,14 +47,25 @@ def _card_front_matter(manifest: dict) -> str:
     return "\n".join(lines + ["---"]) + "\n"
 
 
+def _vision_rows(vision: dict) -> list[list]:
+    """The card's rows on the image input: a fixed side, or a dynamic set's pixel budget."""
+    if vision.get("vision") == "dynamic":
+        pp = vision["preprocess"]
+        factor = pp["patch_size"] * pp["merge_size"]
+        return [["vision input", f"any size, aspect ratio kept: {pp['min_pixels']} to {pp['max_pixels']} pixels "
+                                 f"(sides multiples of {factor})"],
+                ["tokens per image", f"{pp['min_pixels'] // factor ** 2} to {pp['max_pixels'] // factor ** 2}"]]
+    return [["vision input", f"{vision['image_size']} x {vision['image_size']} px"],
+            ["tokens per image", vision["tokens_per_image"]]]
+
+
 def _card_summary(manifest: dict, name: str) -> str:
     recipe, source, vision = manifest["recipe"], manifest["source"], manifest["components"]["vision"]
     model_name = recipe.get("model", {}).get("name", manifest["family"])
     verdict = "passed" if manifest["validation"]["passed"] else "FAILED"
     rows = [["base model", f"`{source['checkpoint']}`"], ["revision", source.get("revision") or "(not pinned)"],
             ["family", f"`{manifest['family']}`"], ["precision recipe", recipe.get("precision", {}).get("name", "-")],
-            ["vision input", f"{vision['image_size']} x {vision['image_size']} px"],
-            ["tokens per image", vision["tokens_per_image"]],
+            *_vision_rows(vision),
             ["validation", f"{verdict} ({len(manifest['validation']['checks'])} checks against PyTorch)"],
             ["built by", f"vlmforge {manifest['vlmforge_version']}"]]
     weights = "\n".join(f"- `{f}` sha256 `{h}`" for f, h in sorted(source.get("weights", {}).items()))

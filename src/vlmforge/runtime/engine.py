@@ -91,6 +91,10 @@ class Graph:
 class Engine:
     """vision -> embedding -> decoder for one artifact set."""
 
+    # (pixel_values shape, image_grid_thw) -> None or an InputError: set for dynamic vision graphs
+    # (host.dynamic.check_grid), so a pair the graph cannot take fails before onnxruntime runs
+    vision_check = None
+
     def __init__(self, vision: Path, embedding: Path, decoder: Path, layout: KVLayout, providers=None,
                  threads: int = 0) -> None:
         """`threads`: onnxruntime intra-op threads per session (0 = onnxruntime's default, all cores)."""
@@ -100,6 +104,8 @@ class Engine:
         self.layout = layout
 
     def encode_image(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.vision_check is not None:
+            self.vision_check(np.shape(pixel_values), grid_thw)
         out = self.vision.run({"pixel_values": pixel_values, "image_grid_thw": grid_thw})
         return out["image_features"], out.get("deepstack_features")
 

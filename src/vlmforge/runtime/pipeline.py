@@ -19,6 +19,7 @@ The pieces live beside it: `params` (SamplingParams), `textstream` (incremental 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from vlmforge.artifact.manifest import MANIFEST
 from vlmforge.artifact.runtime_configs import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.core.errors import InputError
 from vlmforge.host import prompt as P
+from vlmforge.host.dynamic import DynamicImageParams, check_grid
 from vlmforge.host.preprocess import image_to_patches, load_image
 from vlmforge.runtime.artifacts import (check_engine, check_providers, layout_from_manifest, listed_json, load_tokenizer,
                                         required_eos_ids, resolve_inside, verify_artifacts)
@@ -69,8 +71,11 @@ class Pipeline:
         self.family = manifest["family"]
         vis = manifest["components"]["vision"]
         pp = vis["preprocess"] if "preprocess" in vis else {}
-        self.image_size = int(vis["image_size"])
-        self.tokens_per_image = int(vis["tokens_per_image"])
+        # a dynamic set: HF's own processing (smart_resize within the set's pixel budget), tokens per image
+        # from each image's grid; a fixed set: one size, one token count
+        self.dynamic = DynamicImageParams.from_json(pp) if vis.get("vision") == "dynamic" else None
+        self.image_size = int(vis["image_size"]) if self.dynamic is None else None
+        self.tokens_per_image = int(vis["tokens_per_image"]) if self.dynamic is None else None
         self._pp = {
             "size": self.image_size,
             "patch_size": int(pp.get("patch_size", 14)),
@@ -80,7 +85,11 @@ class Pipeline:
             "std": tuple(pp.get("std", (0.5, 0.5, 0.5))),
         }
         tid = manifest["token_ids"]
-        self.ids = TokenIds(int(tid["image"]), int(tid["vision_start"]), tuple(eos), self._pp["merge_size"])
+        merge = self.dynamic.merge_size if self.dynamic is not None else self._pp["merge_size"]
+        self.ids = TokenIds(int(tid["image"]), int(tid["vision_start"]), tuple(eos), merge)
+        if self.dynamic is not None:
+            engine.vision_check = functools.partial(check_grid, patch_dim=self.dynamic.patch_dim, merge_size=merge,
+                                                    where=f"{directory}: vision inputs")
         self.pad_id = int(pad)
         self.context_length = context_length
         self.kv_mode = kv_mode
@@ -178,17 +187,16 @@ class Pipeline:
         params.check(where)
         loaded = self.load_images(images, where)
         n_img = len(loaded)
-        if self.context_length and n_img * self.tokens_per_image >= self.context_length:
-            raise InputError(
-                f"{n_img} images take {n_img * self.tokens_per_image} tokens ({self.tokens_per_image} each); "
-                f"the model's context is {self.context_length} tokens",
-                where=f"{where}(images=...)",
-                fix=f"pass at most {max((self.context_length - 1) // self.tokens_per_image - 1, 0)} images per conversation",
-            )
+        counts = self.image_tokens(loaded, where)
+        if self.context_length and sum(counts) >= self.context_length:
+            each = f"{self.tokens_per_image} each" if self.dynamic is None else f"{counts} by their sizes"
+            fix = (f"pass at most {max((self.context_length - 1) // self.tokens_per_image - 1, 0)} images per conversation"
+                   if self.dynamic is None else "pass fewer or smaller images")
+            raise InputError(f"{n_img} images take {sum(counts)} tokens ({each}); the model's context is "
+                             f"{self.context_length} tokens", where=f"{where}(images=...)", fix=fix)
         rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        ids = P.expand_image_tokens(ids, [self.tokens_per_image] * n_img, self.ids.image,
-                                    vision_start_token_id=self.ids.vision_start)
+        ids = P.expand_image_tokens(ids, counts, self.ids.image, vision_start_token_id=self.ids.vision_start)
         total = len(ids) + params.max_new_tokens
         if self.context_length and total > self.context_length:
             room = self.context_length - len(ids)
@@ -199,9 +207,21 @@ class Pipeline:
                 fix=(f"lower max_new_tokens to {room} or less" if room > 0 else "shorten the prompt or pass fewer images")
                 + " (in a chat: /reset to start over)",
             )
-        patches = tuple(image_to_patches(img, **self._pp) for img in loaded)
+        patches = tuple(self.image_patches(img) for img in loaded)
         arr = np.asarray(ids, np.int64)
         return Prepared(PromptInputs(arr, patches), arr)
+
+    def image_tokens(self, images: Sequence, where: str = "images") -> list[int]:
+        """`<|image_pad|>` tokens of each (loaded) image: the set's fixed count, or by the image's size."""
+        if self.dynamic is None:
+            return [self.tokens_per_image] * len(images)
+        return [self.dynamic.image_tokens(img) for img in images]
+
+    def image_patches(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """(pixel_values, image_grid_thw [1, 3]) of one loaded image, as the set's vision graph takes them."""
+        if self.dynamic is None:
+            return image_to_patches(image, **self._pp)
+        return self.dynamic.patches(image)
 
     def _selector(self, prepared: Sequence[Prepared], params: SamplingParams, done: list[bool]):
         rng = np.random.default_rng(params.seed)

@@ -33,17 +33,22 @@ FP32_OPS = (
 )
 
 
+POSITION_INPUTS = ("position_ids", "image_grid_thw")
+
+
 def rotary_nodes(model: onnx.ModelProto) -> set[str]:
     """Every node on the path from the graph inputs to Cos/Sin (position ids -> angles).
 
-    In our graphs that path starts only at `position_ids` (HF computes angles from positions and constant
-    inverse frequencies); anything else reaching it would mean activations are involved, so we refuse."""
+    In our graphs that path starts only at position inputs: `position_ids` (HF computes angles from positions
+    and constant inverse frequencies), or `image_grid_thw` in a dynamic vision graph (the patch positions come
+    from the grid), plus the shape (never the values) of other inputs; anything else reaching it would mean
+    activations are involved, so we refuse."""
     starts = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
     names = upstream_nodes(model, starts, stop_at=set())
     graph_inputs = {i.name for i in model.graph.input}
     for n in model.graph.node:
         if n.name in names:
-            bad = [i for i in n.input if i in graph_inputs and i != "position_ids"]
+            bad = [i for i in n.input if i in graph_inputs and i not in POSITION_INPUTS and n.op_type != "Shape"]
             if bad:
                 raise ValueError(f"rotary path of node {n.name} reaches graph input {bad}")
     return names

@@ -9,7 +9,7 @@ import numpy as np
 from vlmforge.runtime.engine import Engine
 from vlmforge.host.tokens import eos_ids
 from vlmforge.runtime.loop import PromptInputs, TokenIds, generate_tokens, greedy
-from vlmforge.validators.reference import Reference
+from vlmforge.validators.reference import Reference, grid_tokens
 from vlmforge.validators.metrics import gate, metrics
 from vlmforge.validators.results import CheckResult
 
@@ -21,16 +21,18 @@ def token_ids(ref: Reference) -> TokenIds:
 
 
 def reference_chain(ref: Reference, prompt: str, images, n_tokens: int) -> dict:
-    """HF generate for one prompt: its tokens and step logits [T, V] (the model's side of run_chain)."""
-    ids = np.asarray(ref.prompt_ids(prompt, len(images)), np.int64)
+    """HF generate for one prompt: its tokens and step logits [T, V] (the model's side of run_chain). The
+    images go through HF's own processor as they are; each image's token count is HF's grid."""
     if images:
         hf_pix = [ref.hf_pixels(img) for img in images]
         import torch
 
         pv = torch.cat([p for p, _ in hf_pix], 0)
         grids = torch.cat([g for _, g in hf_pix], 0)
+        tokens = grid_tokens(grids.numpy(), ref.params.merge_size)
     else:
-        pv = grids = None
+        pv = grids = tokens = None
+    ids = np.asarray(ref.prompt_ids(prompt, len(images), tokens), np.int64)
     hf_tokens, hf_logits = ref.generate(ids.reshape(1, -1), pv, grids, n_tokens)
     return {"prompt": prompt, "n_images": len(images), "tokens": hf_tokens, "logits": hf_logits}
 
@@ -38,8 +40,9 @@ def reference_chain(ref: Reference, prompt: str, images, n_tokens: int) -> dict:
 def run_chain(engine: Engine, ref: Reference, want: dict, images, n_tokens: int):
     """(ours tokens, ours logits [T, V], HF tokens, HF logits [T, V]) for one prompt; the HF side from
     `want` (reference_chain), computed before the model was freed."""
-    ids = np.asarray(ref.prompt_ids(want["prompt"], len(images)), np.int64)
-    ours_imgs = tuple(ref.params.patches(img) for img in images)
+    ours_imgs = tuple(ref.params.patches(img) for img in images)  # vlmforge's own preprocessing
+    ours_tokens = [int(ref.params.image_tokens(img)) for img in images]
+    ids = np.asarray(ref.prompt_ids(want["prompt"], len(images), ours_tokens), np.int64)
     ours = list(generate_tokens(engine, PromptInputs(ids, ours_imgs), token_ids(ref), max_new_tokens=n_tokens,
                                 min_new_tokens=n_tokens, choose=greedy))
     return [t for t, _ in ours], np.stack([lg for _, lg in ours]), want["tokens"], want["logits"]

@@ -14,7 +14,7 @@ import numpy as np
 from vlmforge.host import mrope
 from vlmforge.host.tokens import left_pad, pad_id
 from vlmforge.runtime.engine import Engine
-from vlmforge.validators.reference import Reference
+from vlmforge.validators.reference import Reference, grid_tokens
 from vlmforge.validators.metrics import compare
 from vlmforge.validators.results import CheckResult
 
@@ -30,13 +30,24 @@ def check_preprocess(ref: Reference, images, tol: dict) -> list[CheckResult]:
     return out
 
 
-def reference_vision(ref: Reference, images) -> list[dict]:
-    """Per image: HF pixels and grid, and the model's features (and DeepStack features)."""
+def reference_vision(ref: Reference, images, dynamic: bool = False) -> list[dict]:
+    """Per image: HF pixels and grid, and the model's features (and DeepStack features). `dynamic` (a
+    dynamic set): the rows name each image's size and grid, and one more row runs the first two images, of
+    different sizes, in one call."""
     rows = []
-    for img in images:
+    for i, img in enumerate(images):
         pv, grid = ref.hf_pixels(img)
         feats, ds = ref.vision(pv, grid)
-        rows.append({"pv": pv.numpy(), "grid": grid.numpy(), "feats": feats, "ds": ds})
+        name = f"image {i}" + (f" ({img.size[0]}x{img.size[1]} px, grid {grid.tolist()[0]})" if dynamic else "")
+        rows.append({"pv": pv.numpy(), "grid": grid.numpy(), "feats": feats, "ds": ds, "name": name})
+    if dynamic and len(rows) >= 2:
+        import torch
+
+        pv = np.concatenate([rows[0]["pv"], rows[1]["pv"]])
+        grid = np.concatenate([rows[0]["grid"], rows[1]["grid"]])
+        feats, ds = ref.vision(torch.from_numpy(pv), torch.from_numpy(grid))
+        rows.append({"pv": pv, "grid": grid, "feats": feats, "ds": ds,
+                     "name": f"images 0+1 in one call (grids {grid.tolist()})"})
     return rows
 
 
@@ -44,16 +55,18 @@ def check_vision(engine: Engine, want: list[dict], tol: dict, deepstack: bool) -
     out = []
     for i, w in enumerate(want):
         feats, ds = engine.encode_image(w["pv"], w["grid"])
-        out += compare("vision", f"image_features image {i}", feats, w["feats"], tol)
+        name = w.get("name", f"image {i}")
+        out += compare("vision", f"image_features {name}", feats, w["feats"], tol)
         if deepstack:
-            out += compare("vision", f"deepstack_features image {i}", ds, w["ds"], tol)
+            out += compare("vision", f"deepstack_features {name}", ds, w["ds"], tol)
     return out
 
 
 def reference_embedding(ref: Reference, vision0: dict, deepstack: bool) -> dict:
     """N > 0: batch of 2, image prompt + left-padded text prompt; N = 0: decode-step shape, batch of 2."""
     pad = pad_id(ref.config.text_config.pad_token_id)
-    ids, _ = left_pad([ref.prompt_ids("Describe the picture.", 1), ref.prompt_ids("Hello there.", 0)], pad)
+    tokens = grid_tokens(vision0["grid"], ref.params.merge_size)
+    ids, _ = left_pad([ref.prompt_ids("Describe the picture.", 1, tokens), ref.prompt_ids("Hello there.", 0)], pad)
     ids0 = np.array([[5, 17, 42], [99, 3, 250]], np.int64)
     feats, ds = vision0["feats"], vision0["ds"]
     return {"ids": ids, "feats": feats, "ds": ds if deepstack else None,
@@ -81,7 +94,9 @@ def reference_decoder(ref: Reference, vision0: dict, deepstack: bool, steps: int
     cfg = ref.config
     pad = pad_id(cfg.text_config.pad_token_id)
     pv, grid = torch.from_numpy(vision0["pv"]), torch.from_numpy(vision0["grid"])
-    ids, mask = left_pad([ref.prompt_ids("What is in the image?", 1), ref.prompt_ids("Say something.", 0)], pad)
+    tokens = grid_tokens(vision0["grid"], ref.params.merge_size)
+    ids, mask = left_pad([ref.prompt_ids("What is in the image?", 1, tokens), ref.prompt_ids("Say something.", 0)],
+                         pad)
     positions, deltas = mrope.rope_index(
         ids, mask, vision0["grid"], image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
         spatial_merge_size=ref.params.merge_size,

@@ -16,6 +16,11 @@ from vlmforge.host import prompt as P
 from vlmforge.host.image import ImageParams
 
 
+def grid_tokens(grid_thw, merge_size: int) -> list[int]:
+    """Image tokens of each row of `image_grid_thw` (t*h*w patches, merge_size² per token)."""
+    return [int(t * h * w) // (merge_size * merge_size) for t, h, w in np.asarray(grid_thw).tolist()]
+
+
 class Reference:
     def __init__(self, family_key: str, hf_model, source_path: Path, params: ImageParams) -> None:
         import transformers
@@ -37,24 +42,27 @@ class Reference:
 
     # -- inputs -----------------------------------------------------------------------------------
     def hf_pixels(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        """HF's own image processor, forced to the artifact's fixed size (square inputs land exactly on it)."""
-        s = self.params.size
+        """HF's own image processor on the original image: forced to a fixed set's size (square inputs land
+        exactly on it), or, for a dynamic set, its smart_resize within the set's pixel budget."""
         out = self.image_processor(
             images=[image],
-            size={"shortest_edge": s * s, "longest_edge": s * s},
+            size=self.params.hf_size,
             patch_size=self.params.patch_size,
             merge_size=self.params.merge_size,
             return_tensors="pt",
         )
         return out["pixel_values"].float(), out["image_grid_thw"]
 
-    def prompt_ids(self, text: str, n_images: int) -> list[int]:
+    def prompt_ids(self, text: str, n_images: int, tokens: list[int] | None = None) -> list[int]:
+        """The chat prompt with `n_images` images, each expanded to its `tokens` (default: a fixed set's
+        tokens_per_image; a dynamic set's callers pass each image's count, `grid_tokens`)."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
         rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return P.expand_image_tokens(
-            ids, [self.params.tokens_per_image] * n_images, self.config.image_token_id,
+            ids, list(tokens) if tokens is not None else [self.params.tokens_per_image for _ in range(n_images)],
+            self.config.image_token_id,
             vision_start_token_id=self.config.vision_start_token_id,
         )
 

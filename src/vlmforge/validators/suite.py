@@ -17,9 +17,10 @@ from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.core.errors import RecipeError
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
+from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.image import ImageParams
 from vlmforge.validators.graphs import staged_engine
-from vlmforge.validators.reference import Reference
+from vlmforge.validators.reference import Reference, grid_tokens
 from vlmforge.validators.results import CheckResult
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class SuiteInputs:
     directory: Path
     contracts: dict[str, StageContract]
     precisions: dict[str, str]  # stage -> fp32|fp16|int4
-    params: ImageParams
+    params: ImageParams | DynamicImageParams
     deepstack: bool
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     deepstack_off: Callable[[Any], Any] | None = None  # set for a `deepstack: drop` variant
@@ -125,12 +126,13 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
 def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
     pre = parity.check_preprocess(ref, images, tolerance(vcfg.tolerances, "preprocess", "fp32"))
     log.info("reference: vision (%d images)", len(images))
-    vision = parity.reference_vision(ref, images)
+    vision = parity.reference_vision(ref, images, inp.params.dynamic)
     log.info("reference: embedding and decoder (prefill + %d decode steps)", vcfg.decode_steps)
     embedding = parity.reference_embedding(ref, vision[0], inp.deepstack)
     decoder = parity.reference_decoder(ref, vision[0], inp.deepstack, vcfg.decode_steps)
-    log.info("reference: HF generate (%d tokens, %d prompts)", vcfg.chain_tokens, 2)
-    wants = [chain.reference_chain(ref, p, imgs, vcfg.chain_tokens) for _, p, imgs in _chain_cases(vcfg, images)]
+    cases = _chain_cases(vcfg, images, inp.params.dynamic)
+    log.info("reference: HF generate (%d tokens, %d prompts)", vcfg.chain_tokens, len(cases))
+    wants = [chain.reference_chain(ref, p, imgs, vcfg.chain_tokens) for _, p, imgs in cases]
     task = None
     if vcfg.task_questions:
         from vlmforge.validators.task import reference_task
@@ -181,8 +183,17 @@ def _same_weight_checks(engine, inp: SuiteInputs, refs: References, vcfg, stage:
     return found + [dataclasses.replace(c, name=f"{c.name}, PyTorch with the graph's INT4 weights") for c in checks]
 
 
-def _chain_cases(vcfg, images) -> list[tuple[str, str, list]]:
-    return [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
+def _chain_cases(vcfg, images, dynamic: bool = False) -> list[tuple[str, str, list]]:
+    """(name, prompt, images) of each chain check. A dynamic set: every validation image (each aspect ratio)
+    alone, the text prompt, and the first two images (different sizes) in one prompt."""
+    if not dynamic:
+        return [("image + chat prompt", vcfg.prompt, [images[0]]), ("text only", vcfg.text_prompt, [])]
+    size = lambda img: f"{img.size[0]}x{img.size[1]}"  # noqa: E731
+    cases = [(f"image {i} ({size(img)}) + chat prompt", vcfg.prompt, [img]) for i, img in enumerate(images)]
+    cases.append(("text only", vcfg.text_prompt, []))
+    if len(images) >= 2:
+        cases.append((f"two images ({size(images[0])}, {size(images[1])}) + chat prompt", vcfg.prompt, images[:2]))
+    return cases
 
 
 def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images) -> tuple[list[CheckResult], dict]:
@@ -206,7 +217,8 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     versus += _versus(engine, base, inp, vcfg, "decoder")
     same += _same_weight_checks(engine, inp, refs, vcfg, "decoder")
     log.info("graph pass: the chain against HF generate (%d tokens)", vcfg.chain_tokens)
-    results += chain.check_chain(engine, ref, _chain_cases(vcfg, images), refs.chain, vcfg.chain_tokens,
+    results += chain.check_chain(engine, ref, _chain_cases(vcfg, images, inp.params.dynamic), refs.chain,
+                                 vcfg.chain_tokens,
                                  tolerance(vcfg.tolerances, "chain", worst))
     if vcfg.task_questions:
         from vlmforge.validators.task import check_task
@@ -241,7 +253,7 @@ def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
     pv, grid = ref.hf_pixels(images[0])
     o = {"pv": pv.numpy(), "grid": grid.numpy()}
     o["feats"], o["ds"] = base.keep("vision").encode_image(o["pv"], o["grid"])
-    o["ids"] = np.asarray([ref.prompt_ids(vcfg.prompt, 1)], np.int64)
+    o["ids"] = np.asarray([ref.prompt_ids(vcfg.prompt, 1, grid_tokens(o["grid"], ref.params.merge_size))], np.int64)
     o["emb"], o["deep"] = base.keep("embedding").embed(o["ids"], o["feats"], o["ds"])
     if inp.precisions["decoder"] != "fp32":
         from vlmforge.host import mrope

@@ -116,3 +116,13 @@ def export_vision(hf_model, out_path: Path) -> StageContract:
         contract=contract,
     )
     return contract
+
+
+def stage_contract(hf_config, options) -> StageContract:
+    """The StageSpec hook of a vision=dynamic build (FamilySpec.dynamic_vision): no option shapes the graph."""
+    return vision_contract(hf_config)
+
+
+def stage_export(hf_model, options, out_path: Path) -> StageContract:
+    """The StageSpec hook of a vision=dynamic build (FamilySpec.dynamic_vision): no option shapes the graph."""
+    return export_vision(hf_model, out_path)

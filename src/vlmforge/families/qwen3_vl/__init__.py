@@ -5,7 +5,7 @@ Every fact vlmforge knows about the family is in FAMILY; nothing outside this fo
 
 from __future__ import annotations
 
-from vlmforge.families.qwen3_vl import decoder, deepstack, dims, embedding, fixture, public, vision
+from vlmforge.families.qwen3_vl import decoder, deepstack, dims, embedding, fixture, public, vision, vision_dynamic
 from vlmforge.families.spec import FamilySpec, ImageDefaults, StageSpec, TrainedSpec
 
 FAMILY = FamilySpec(
@@ -30,6 +30,7 @@ FAMILY = FamilySpec(
         "embedding": StageSpec("embedding", embedding.embedding_contract, embedding.export_embedding),
         "decoder": StageSpec("decoder", decoder.decoder_contract, decoder.export_decoder),
     },
+    dynamic_vision=StageSpec("vision", vision_dynamic.stage_contract, vision_dynamic.stage_export),
     stage_weights={
         "vision": ("model.visual.",),
         "embedding": ("model.language_model.embed_tokens.",),

@@ -160,3 +160,13 @@ def export_vision(hf_model, out_path: Path, deepstack: bool = True) -> StageCont
         contract=contract,
     )
     return contract
+
+
+def stage_contract(hf_config, options) -> StageContract:
+    """The StageSpec hook of a vision=dynamic build (FamilySpec.dynamic_vision): only the DeepStack choice."""
+    return vision_contract(hf_config, options.deepstack)
+
+
+def stage_export(hf_model, options, out_path: Path) -> StageContract:
+    """The StageSpec hook of a vision=dynamic build (FamilySpec.dynamic_vision): only the DeepStack choice."""
+    return export_vision(hf_model, out_path, options.deepstack)
