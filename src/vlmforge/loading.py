@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import logging
 from collections import defaultdict
 from typing import Iterator
 
 from vlmforge.core.errors import CheckpointError
+from vlmforge.core.memory import give_back
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def stage_model(source, hf_config, stage: str, dtype: str = "float32", loaded=No
     finally:
         release(model, names)
         del model
-        gc.collect()
+        give_back()
 
 
 def meta_model(source, hf_config, dtype: str = "float32"):
