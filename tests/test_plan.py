@@ -23,6 +23,22 @@ def test_plan_scales_with_the_model_and_needs_no_model_when_cached(tmp_path):
     assert fp32.disk_available is not None and fp32.disk_available > 0
 
 
+# Measured (README "Scale check"): Qwen2.5-VL-3B widths, 2 ViT blocks, fp32, validation on; the build's
+# process-tree peak RSS sampled 4x a second. (FP32 weight bytes, peak RSS bytes.)
+MEASURED_3B_WIDTHS = {2: (2_171_756_992, int(3.71 * GB)), 4: (2_788_372_928, int(4.29 * GB)),
+                      8: (4_021_604_800, int(6.13 * GB))}
+
+
+@pytest.mark.parametrize("layers", sorted(MEASURED_3B_WIDTHS))
+def test_plan_predicts_the_measured_peak_of_a_validated_build_within_fifteen_percent(tmp_path, layers):
+    fp32_bytes, measured = MEASURED_3B_WIDTHS[layers]
+    stages = {"vision": "fp32", "embedding": "fp32", "decoder": "fp32"}
+    plan = make_plan(fp32_bytes // 4, stages, True, True, 0, tmp_path)
+    assert measured <= plan.peak_rss <= 1.15 * measured  # never below what was measured, not far above it
+    no_validate = make_plan(fp32_bytes // 4, stages, False, True, 0, tmp_path)
+    assert no_validate.peak_rss < plan.peak_rss
+
+
 def test_memory_available_reads_this_machine():
     avail = memory_available()
     assert avail is not None and 0 < avail < 1 << 50

@@ -177,3 +177,19 @@ def test_stage_loader_reads_the_hub_legacy_names_and_refuses_a_missing_tensor(ca
             pass
     with stage_model(lsrc, lcfg, "vision") as model:  # a stage that does not read it is not affected
         assert model.model.visual.blocks[0].attn.qkv.weight.device.type == "cpu"
+
+
+def test_an_exported_module_leaves_none_of_its_weights_alive(tmp_path):
+    """torch.export's fake-tensor map and onnxscript's rewrite matchers (module globals) kept the last
+    exported graph, and with it every weight of the stage, resident until the next export: the validation
+    ran on top of the decoder's weights. After export_module nothing but the caller holds them."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).eval()
+    refs = [weakref.ref(p) for p in model.parameters()]
+    onnx_export.export_module(model, (torch.randn(2, 64),), tmp_path / "m.onnx", input_names=["x"],
+                              output_names=["y"], stage="test")
+    del model
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)

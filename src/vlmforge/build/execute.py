@@ -14,6 +14,7 @@ import logging
 
 from vlmforge.build.cache import Entry, StageCache
 from vlmforge.build.plan import Build, Node, key_inputs, node_keys
+from vlmforge.core.memory import give_back
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class Executor:
         def fill(tmp):
             self._materialise(node)
             self.ran.add(node.name)
-            record = node.run(self.build, node, tmp)
+            try:
+                record = node.run(self.build, node, tmp)
+            finally:
+                give_back()  # what the node freed goes back to the OS before the next node allocates
             if node.keep is not None and not node.keep(record):
                 raise _NotKept(record)
             return record

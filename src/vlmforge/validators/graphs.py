@@ -7,10 +7,10 @@ FP32 graphs first, one at a time, and keeps only their outputs)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
+from vlmforge.core.memory import give_back
 from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.runtime.engine import Engine, Graph
 
@@ -44,7 +44,7 @@ class StagedEngine(Engine):
         for s in closed:
             del self._open[s]
         if closed:
-            gc.collect()
+            give_back()
         return self
 
     def close(self) -> None:

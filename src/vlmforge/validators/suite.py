@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import numpy as np
 
 from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.core.errors import RecipeError
+from vlmforge.core.memory import give_back
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
 from vlmforge.host.dynamic import DynamicImageParams
@@ -118,7 +118,7 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
                 refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
     finally:
         ref.release()
-        gc.collect()
+        give_back()
     log.info("reference pass done in %.1f s; PyTorch model freed", time.perf_counter() - t)
     return ref, refs
 

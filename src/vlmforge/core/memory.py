@@ -1,0 +1,34 @@
+"""Handing freed memory back to the operating system.
+
+glibc keeps memory a process has freed (small and mid-sized allocations live in its heap arenas) and
+reuses it, but does not return it: after an export stage or the validation's PyTorch model is freed, the
+process stays resident at its high-water mark, and what comes next (ONNX Runtime sessions, the next
+stage) stacks on top. `give_back()` collects Python garbage and asks glibc (`malloc_trim(0)`) to release
+every free page; measured at Qwen2.5-VL-3B widths it is what makes "the model is freed" true for the
+resident set. Elsewhere (musl, macOS) it only collects garbage.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import sys
+
+_trim = None
+
+
+def give_back() -> None:
+    """gc.collect(), then glibc's malloc_trim(0) where there is one."""
+    global _trim
+    gc.collect()
+    if _trim is None:
+        _trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                _trim = False
+    if _trim:
+        _trim(0)
