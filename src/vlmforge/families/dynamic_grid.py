@@ -36,6 +36,13 @@ class PatchCoords:
     w: torch.Tensor
 
 
+def export_dims(merge: int) -> dict:
+    """torch.export dynamic shapes of a dynamic vision graph's inputs: `pixel_values` rows come in whole
+    merge units (merge x merge patches), and any number of images."""
+    units = torch.export.Dim("num_merge_units", min=1)
+    return {"pixel_values": {0: merge**2 * units}, "image_grid_thw": {0: torch.export.Dim("num_images", min=1)}}
+
+
 def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`x[index]` along dim 0 as one ONNX Gather (tensor indexing exports as GatherND plus a
     negative-index fix-up); `index` is always in range here."""

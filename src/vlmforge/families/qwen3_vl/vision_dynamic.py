@@ -145,17 +145,13 @@ def export_vision(hf_model, out_path: Path, deepstack: bool = True) -> StageCont
 
     module = build_vision_module(hf_model, deepstack=deepstack)
     contract = vision_contract(hf_model.config, deepstack=deepstack)
-    units = torch.export.Dim("num_merge_units", min=1)
     export_module(
         module,
         example_inputs(hf_model.config),
         out_path,
         input_names=contract.input_names,
         output_names=contract.output_names,
-        dynamic_shapes={
-            "pixel_values": {0: module.merge**2 * units},
-            "image_grid_thw": {0: torch.export.Dim("num_images", min=1)},
-        },
+        dynamic_shapes=G.export_dims(module.merge),
         stage="qwen3_vl/vision_dynamic",
         contract=contract,
     )
