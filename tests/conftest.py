@@ -79,29 +79,17 @@ SESSION_SETS = {
 }
 
 
-@pytest.fixture(scope="session")
-def qwen25_392(build):
-    return build(*SESSION_SETS["qwen25_392"])
+def _session_set(name: str):
+    @pytest.fixture(scope="session", name=name)
+    def _fixture(build):
+        return build(*SESSION_SETS[name])
+
+    return _fixture
 
 
-@pytest.fixture(scope="session")
-def qwen3_384(build):
-    return build(*SESSION_SETS["qwen3_384"])
-
-
-@pytest.fixture(scope="session")
-def qwen3_384_drop(build):
-    return build(*SESSION_SETS["qwen3_384_drop"])
-
-
-@pytest.fixture(scope="session")
-def qwen25_dynamic(build):
-    return build(*SESSION_SETS["qwen25_dynamic"])
-
-
-@pytest.fixture(scope="session")
-def qwen3_dynamic(build):
-    return build(*SESSION_SETS["qwen3_dynamic"])
+# One session fixture per shared set, named as in SESSION_SETS (qwen25_392, qwen3_384, ...).
+for _name in SESSION_SETS:
+    globals()[_name] = _session_set(_name)
 
 
 @pytest.fixture(scope="session", autouse=True)
