@@ -87,6 +87,8 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
     safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included)."""
     import torch
 
+    from vlmforge.source import read_safetensors_header
+
     index = tensor_index(source)
     rename = source.family.checkpoint_name or (lambda n: n)
     groups: dict[int, list[str]] = defaultdict(list)
@@ -108,7 +110,7 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
     done: list[str] = []
     for file, items in sorted(wanted.items()):
         with open(file, "rb") as fh:
-            header, start = _header(fh)
+            header, start = read_safetensors_header(fh)
             for key, names in items:
                 tensor = _read(fh, header[key], start)
                 want = tuple(params[names[0]].shape)
@@ -133,15 +135,6 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _header(fh) -> tuple[dict, int]:
-    """The safetensors header of an open file (checked by source.open_source) and where its data starts."""
-    import json
-    import struct
-
-    (n,) = struct.unpack("<Q", fh.read(8))
-    return json.loads(fh.read(n)), 8 + n
 
 
 def _read(fh, entry: dict, start: int):

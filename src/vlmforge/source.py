@@ -205,6 +205,13 @@ SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 
 
+def read_safetensors_header(fh) -> tuple[dict, int]:
+    """The JSON header of an open safetensors file and the offset where its data section starts. Unchecked:
+    a checkpoint's files pass `_check_one_safetensors` (open_source) before anything reads their tensors."""
+    (n,) = struct.unpack("<Q", fh.read(8))
+    return json.loads(fh.read(n)), 8 + n
+
+
 def _check_one_safetensors(f: Path, name: str) -> int:
     """Refuse a damaged or hostile safetensors file from its header alone (nothing is mapped or allocated):
     every tensor's dtype, shape and byte range must agree and tile the data section exactly.

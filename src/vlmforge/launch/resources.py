@@ -8,9 +8,7 @@ of torch + onnxruntime). Asking the engine for that much lets it refuse to start
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,14 +32,15 @@ class CellResources:
 def fp32_weight_bytes(folder: Path) -> int | None:
     """Bytes of the checkpoint's parameters at FP32, from the safetensors headers (no tensor is read).
     None when the folder has no safetensors (a hub id not yet downloaded)."""
+    from vlmforge.source import read_safetensors_header
+
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for f in files:
         with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+            header, _ = read_safetensors_header(fh)
         for name, t in header.items():
             if name != "__metadata__":
                 total += math.prod(t["shape"]) * 4
