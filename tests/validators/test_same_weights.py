@@ -93,3 +93,31 @@ def test_dequantize_matmul_nbits_reads_low_nibble_first_with_zero_point_8():
     w, step = dequantize_matmul_nbits(b, np.array([0.5], np.float32), None, k=32, n=1, block=32)
     assert w.shape == (1, 32) and w[0, 0] == -3.5 and w[0, 1] == -3.0 and not w[0, 2:].any()
     assert (step == 0.5).all()
+
+
+def test_dequantizing_a_vocab_sized_head_holds_one_float_copy(monkeypatch):
+    """The check of an lm_head [151936, 2048] (1.2 GB as float32) once held ~10x that in temporaries (float
+    copies, float64 step ratios): the INT4 build's peak. Block by block, only the result is held whole."""
+    import tracemalloc
+
+    from vlmforge.validators import same_weights
+
+    n, k, block = 8192, 256, 32
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    scales = (np.abs(w).reshape(n, k // block, block).max(-1) / 7).astype(np.float32)
+    q = np.clip(np.rint(w.reshape(n, k // block, block) / scales[..., None]) + 8, 0, 15).astype(np.uint8).reshape(n, k)
+    b = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, k // block, block // 2)
+    packed = same_weights.QuantizedLinear(b, scales.reshape(-1), None, k, n, block)
+    original = np.ascontiguousarray(w.T)  # the FP32 graph's [K, N] initializer
+    monkeypatch.setattr(same_weights, "CHUNK_BYTES", 1 << 18)  # a block's temporaries are ~8x this
+    tracemalloc.start()
+    try:
+        weight, steps = same_weights.dequantize_checked(packed, original)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    full, full_step = dequantize_matmul_nbits(b, scales.reshape(-1), None, k=k, n=n, block=block)
+    assert np.array_equal(weight, full) and steps <= 0.5001  # the same weights, within half a step
+    assert steps == float((np.abs(full - w) / full_step).max())
+    assert peak < 1.5 * w.nbytes, f"peak {peak / w.nbytes:.2f}x the weight's float32 bytes"

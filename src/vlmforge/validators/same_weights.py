@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,25 +47,52 @@ def read_tensor(path: Path, tensor: onnx.TensorProto) -> np.ndarray:
     return data.reshape(tuple(tensor.dims))
 
 
+CHUNK_BYTES = 32 << 20  # float32 rows dequantized at a time (temporaries ~8x this); an lm_head [151936, 2048] is 1.2 GB
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """One MatMulNBits node's packed weight, dequantized a block of rows at a time (`rows`), so the float copies
+    and temporaries of a vocab-sized head never exist whole (all at once they were ~10x the weight's bytes)."""
+
+    b: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    k: int
+    n: int
+    block: int
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """([stop - start, K] float32 weight rows, the quantization step of each element)."""
+        blocks = -(-self.k // self.block)
+        packed = self.b.reshape(self.n, blocks, self.block // 2)[start:stop]
+        m = stop - start
+        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(m, blocks, self.block).astype(np.float32)
+        if self.zero_points is None:
+            zp = np.full((m, blocks), 8.0, np.float32)
+        else:
+            zpk = self.zero_points.reshape(self.n, -1)[start:stop]
+            zp = np.stack([zpk & 0x0F, zpk >> 4], -1).reshape(m, -1)[:, :blocks].astype(np.float32)
+        scales = self.scales.astype(np.float32).reshape(self.n, blocks)[start:stop]
+        step = np.broadcast_to(np.abs(scales)[..., None], q.shape)
+        w = (q - zp[..., None]) * scales[..., None]
+        return w.reshape(m, blocks * self.block)[:, :self.k], step.reshape(m, blocks * self.block)[:, :self.k]
+
+    def chunks(self):
+        """(start, stop) row ranges of about CHUNK_BYTES of float32 each."""
+        per = max(1, CHUNK_BYTES // (4 * max(self.k, 1)))
+        return ((i, min(i + per, self.n)) for i in range(0, self.n, per))
+
+
 def dequantize_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
                             block: int) -> tuple[np.ndarray, np.ndarray]:
     """([N, K] float32 weight a MatMulNBits node (bits=4) multiplies by, [N, K] the step of each element)."""
-    blocks = -(-k // block)
-    packed = b.reshape(n, blocks, block // 2)
-    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, blocks, block).astype(np.float32)
-    if zero_points is None:
-        zp = np.full((n, blocks), 8.0, np.float32)
-    else:
-        zpk = zero_points.reshape(n, -1)
-        zp = np.stack([zpk & 0x0F, zpk >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.float32)
-    step = np.broadcast_to(np.abs(scales.astype(np.float32)).reshape(n, blocks)[..., None], q.shape)
-    w = (q - zp[..., None]) * scales.astype(np.float32).reshape(n, blocks)[..., None]
-    return w.reshape(n, blocks * block)[:, :k], step.reshape(n, blocks * block)[:, :k]
+    return QuantizedLinear(b, scales, zero_points, k, n, block).rows(0, n)
 
 
 def quantized_weights(graph: Path):
-    """(FP32 initializer name, ([N, K] dequantized weight, [N, K] step)) per MatMulNBits node of `graph`, one
-    at a time; GatherBlockQuantized nodes are yielded with None (not dequantized here)."""
+    """(FP32 initializer name, QuantizedLinear) per MatMulNBits node of `graph`, one at a time;
+    GatherBlockQuantized nodes are yielded with None (not dequantized here)."""
     model = onnx.load(str(graph), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
@@ -80,11 +108,25 @@ def quantized_weights(graph: Path):
         b, scales = read_tensor(graph, inits[node.input[1]]), read_tensor(graph, inits[node.input[2]])
         zp = read_tensor(graph, inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
         name = node.input[1].removesuffix("_Q4")
-        yield name, dequantize_matmul_nbits(b, scales, zp, attrs["K"], attrs["N"], attrs["block_size"])
+        yield name, QuantizedLinear(b, scales, zp, attrs["K"], attrs["N"], attrs["block_size"])
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array, np.float32).data).hexdigest()  # hashed in place, no bytes copy
+
+
+def dequantize_checked(q: QuantizedLinear, original: np.ndarray) -> tuple[np.ndarray, float]:
+    """([N, K] dequantized weight, the largest |dequantized - FP32| in quantization steps), block by block of
+    rows: besides the result, only one block's temporaries are alive. `original` is the FP32 [K, N] initializer."""
+    weight = np.empty((q.n, q.k), np.float32)
+    steps = 0.0
+    for start, stop in q.chunks():
+        w, step = q.rows(start, stop)
+        weight[start:stop] = w
+        err = np.abs(w - original.T[start:stop])
+        off = np.where(step > 0, err / np.where(step > 0, step, 1), np.where(err > 0, np.float32(np.inf), 0))
+        steps = max(steps, float(off.max()))
+    return weight, steps
 
 
 def load_into(model, fp32_graph: Path, graph: Path) -> tuple[int, list[str], float]:
@@ -104,18 +146,17 @@ def load_into(model, fp32_graph: Path, graph: Path) -> tuple[int, list[str], flo
     fp32 = onnx.load(str(fp32_graph), load_external_data=False)
     fp32_inits = {t.name: t for t in fp32.graph.initializer}
     replaced, unmatched, steps = 0, [], 0.0
-    for name, deq in quantized_weights(graph):
+    for name, q in quantized_weights(graph):
         original = read_tensor(fp32_graph, fp32_inits[name]) if name in fp32_inits else None
         modules = by_digest.get(_digest(original)) if original is not None else None
-        if deq is None or not modules:
+        if q is None or not modules:
             unmatched.append(name)
             continue
-        weight, step = deq
-        err = np.abs(weight - original.T)
-        off = np.where(step > 0, err / np.where(step > 0, step, 1), np.where(err > 0, np.inf, 0.0))
-        steps = max(steps, float(off.max()))
+        weight, off = dequantize_checked(q, original)
+        del original
+        steps = max(steps, off)
         for module in modules:
-            module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight)), requires_grad=False)
+            module.weight = torch.nn.Parameter(torch.from_numpy(weight), requires_grad=False)
             replaced += 1
     log.info("%s: %d quantized weights loaded into the PyTorch model (%d unmatched)", graph.name, replaced,
              len(unmatched))
