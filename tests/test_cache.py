@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,8 @@ def test_killed_build_leaves_nothing_verifiable_and_the_next_run_resumes(qwen25_
     assert run.returncode == 0, run.stderr[-3000:]
     assert "vision: up to date (cache " in run.stderr and "embedding: up to date (cache " in run.stderr
     assert "decoder: exported in" in run.stderr and "left by an interrupted build" in run.stderr
+    peaks = [float(m) for m in re.findall(r"\(RSS [\d.]+ GiB, peak ([\d.]+) GiB\)", run.stderr)]
+    assert len(peaks) >= 3 and peaks == sorted(peaks) and 0 < peaks[0]  # each node's line: memory now and peak
     final = out / "tiny-qwen2_5_vl" / "fp32-392"
     assert verify_dir(final).ok
     assert [p.name for p in final.parent.iterdir() if p.name.startswith(".")] == []

@@ -77,3 +77,25 @@ def test_make_bench_end_to_end_on_the_tiny_fixture(tmp_path, work_dirs):
     assert ratios["int4_mixed: runtime vs onnxruntime-genai"]["decode_tok_s"] > 0
     assert "int4_mixed: runtime vs the onnxruntime-genai builder's model, same intra-op threads" in ratios
     assert result["machine"]["read_bandwidth_gb_s"] > 0 and result["tokens"] == {"tiny": 8, "mid": 4}
+
+
+def test_dynamic_vision_timed_against_the_fixed_graph_and_pytorch(qwen25_dynamic, qwen25_392, work_dirs, capsys):
+    """The dynamic graph and the fixed one take the same grid on a square of the fixed size, so their
+    features agree; at other sizes it is compared with the PyTorch tower (the numbers `make bench` prints)."""
+    from vlmforge.bench.report import print_vision_dynamic
+    from vlmforge.bench.run import ensure_build
+    from vlmforge.bench.vision import bench_vision_dynamic
+    from vlmforge.recipe import recipes_dir
+
+    _, source = ensure_build([f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}",
+                              "model=tiny_qwen2_5_vl", "vision=small"], recipes_dir(None))
+    v = bench_vision_dynamic(qwen25_dynamic.directory, qwen25_392.directory, source, repeats=1,
+                             sizes=((392, 392), (451, 300), (300, 1200)))
+    f = v["versus_fixed"]
+    assert f["image_size"] == 392 and f["fixed_ms"] > 0 and f["dynamic_ms"] > 0 and f["max_abs_diff"] < 1e-4
+    grids = [s["grid_thw"] for s in v["sizes"]]
+    assert grids[0] == [1, 28, 28] and grids[1][1:] != grids[2][1:]  # aspect ratio kept, not squashed
+    for s in v["sizes"]:
+        assert s["patches"] == s["grid_thw"][1] * s["grid_thw"][2] and s["pytorch_ms"] > 0 and s["max_abs_diff"] < 1e-4
+    print_vision_dynamic(v)
+    assert "dynamic / fixed" in capsys.readouterr().out

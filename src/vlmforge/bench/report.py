@@ -114,3 +114,16 @@ def ratios(rows: list, pasts=()) -> dict:
 def print_ratios(r: dict) -> None:
     for name, entry in r.items():
         print(f"  {name}: " + ", ".join(f"{k} x{v:.2f}" for k, v in entry.items()))
+
+
+def print_vision_dynamic(v: dict) -> None:
+    """The vision=dynamic timing: against the fixed graph on the same image, then by image size."""
+    f = v["versus_fixed"]
+    print(f"  vision=dynamic at {f['image_size']} px: {f['dynamic_ms']:.0f} ms, fixed graph {f['fixed_ms']:.0f} ms "
+          f"(dynamic / fixed x{f['ratio']:.2f}; features max |diff| {f['max_abs_diff']:.1e})")
+    print(f"  vision=dynamic by image size (pixel budget {v['min_pixels']}-{v['max_pixels']}):")
+    for s in v["sizes"]:
+        w, h = s["image"]
+        print(f"    {w}x{h}: grid {s['grid_thw']}, {s['patches']} patches: {s['dynamic_ms']:.0f} ms "
+              f"({s['dynamic_ms'] / s['patches'] * 1e3:.0f} ms per 1k patches), PyTorch {s['pytorch_ms']:.0f} ms "
+              f"(PyTorch / dynamic x{s['ratio_pytorch_over_dynamic']:.2f}; max |diff| {s['max_abs_diff']:.1e})")

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmforge.bench.measure import bytes_per_step, genai_threads, measure_steps, read_bandwidth_gbs, reader
-from vlmforge.bench.report import print_ratios, print_table, ratios
+from vlmforge.bench.report import print_ratios, print_table, print_vision_dynamic, ratios
 from vlmforge.bench.row import BUILDER, EAGER, GENAI, READ, RUNTIME, ReadRow, Row
+from vlmforge.bench.vision import bench_vision, bench_vision_dynamic
 from vlmforge.bench.variants import (KV_MODES, bench_eager, bench_genai, bench_genai_builder, bench_runtime,
-                                     bench_vision, eager_stepper, genai_builder, genai_stepper, load_eager,
+                                     eager_stepper, genai_builder, genai_stepper, load_eager,
                                      runtime_stepper)
 from vlmforge.recipe import compose, recipes_dir  # the one place the benchmark reads recipes
 
@@ -190,7 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--pasts", default="256,4096")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every build (repeatable), e.g. --set out_dir=/tmp/a --set cache_dir=/tmp/c")
-    ap.add_argument("--skip-vision-672", action="store_true", help="skip the 672 px vision timing of the mid model")
+    ap.add_argument("--skip-vision-672", action="store_true",
+                    help="skip the 672 px vision timing of the mid model (and the vision=dynamic one, which needs it)")
+    ap.add_argument("--skip-vision-dynamic", action="store_true",
+                    help="skip the vision=dynamic timing of the mid model (vs the 672 px graph and vs PyTorch by size)")
     return ap
 
 
@@ -250,6 +254,10 @@ def _bench_one(s: _Session, model_name: str) -> dict:
         # the vision target is stated at 672 px: the same weights built at vision=large, vision only
         large, src = ensure_build(s.args.set + s.mid_overrides() + ["precision=fp32", "vision=large"], s.recipes)
         entry["vision_672"] = bench_vision(large, src, s.image, s.args.repeats)
+        if not s.args.skip_vision_dynamic and s.family.dynamic_vision is not None:
+            # the same weights at vision=dynamic: against the 672 px graph, and against PyTorch as pixels grow
+            dynamic, _ = ensure_build(s.args.set + s.mid_overrides() + ["precision=fp32", "vision=dynamic"], s.recipes)
+            entry["vision_dynamic"] = bench_vision_dynamic(dynamic, large, src, s.args.repeats)
     print_table(f"{model_name} ({'tiny fixture' if not mid else f'{s.family.display_name}-3B shapes, random weights'})",
                 rows, pasts)
     print_ratios(r)
@@ -257,6 +265,8 @@ def _bench_one(s: _Session, model_name: str) -> dict:
         v = entry["vision_672"]
         print(f"  vision at {v['image_size']} px: onnxruntime {v['onnxruntime_ms']:.0f} ms, PyTorch {v['pytorch_ms']:.0f} ms "
               f"(x{v['ratio']:.2f}; features max |diff| {v['max_abs_diff']:.1e})")
+    if "vision_dynamic" in entry:
+        print_vision_dynamic(entry["vision_dynamic"])
     return entry
 
 

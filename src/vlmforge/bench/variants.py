@@ -1,7 +1,7 @@
 """The benchmarked variants, each timed on the same artifact set: the vlmforge runtime (every KV cache
 mode), PyTorch eager (HF `generate` on the source checkpoint), onnxruntime-genai on the artifact set, and
 onnxruntime-genai's own model builder on the source checkpoint; plus a stepper per variant (one decode step
-per call from a past of a given length) for `run.steps_at_pasts`, and the vision graph vs the PyTorch tower.
+per call from a past of a given length) for `run.steps_at_pasts`. Vision timings are in `bench/vision.py`.
 The family comes from the registry, read from the checkpoint's architectures."""
 
 from __future__ import annotations
@@ -163,41 +163,6 @@ def bench_eager(source: Path, image_size: int, image: str, tokens: int, repeats:
     del model
     gc.collect()
     return row
-
-
-def bench_vision(directory: Path, source: Path, image: str, repeats: int) -> dict:
-    """The vision graph through onnxruntime (all cores) vs the PyTorch vision tower
-    (`get_image_features`), on the same pixel values from HF's image processor, alternating run by run;
-    best of `repeats` each, and the largest difference between their features."""
-    import torch
-
-    from vlmforge.artifact.manifest import read_manifest
-    from vlmforge.runtime.engine import Graph
-    from vlmforge.host.preprocess import load_image
-
-    size = read_manifest(directory)["components"]["vision"]["image_size"]
-    proc = _image_processor(source)
-    px = proc(images=[load_image(image).resize((size, size))], return_tensors="pt",
-              size={"shortest_edge": size**2, "longest_edge": size**2})
-    model = load_eager(source)
-    graph = Graph(directory / "vision.onnx")
-    feeds = {"pixel_values": px["pixel_values"].numpy(), "image_grid_thw": px["image_grid_thw"].numpy()}
-    ort_s, torch_s = [], []
-    with torch.inference_mode():
-        for i in range(repeats + 1):  # the first round is a warm-up
-            t = timed(lambda: graph.run(feeds))
-            u = timed(lambda: model.model.get_image_features(px["pixel_values"], px["image_grid_thw"]))
-            if i:
-                ort_s.append(t)
-                torch_s.append(u)
-        ours = graph.run(feeds)["image_features"]
-        ref = model.model.get_image_features(px["pixel_values"], px["image_grid_thw"])
-        ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
-        ref = torch.cat(list(ref), 0) if isinstance(ref, (list, tuple)) else ref
-    del model, graph
-    gc.collect()
-    return {"image_size": size, "onnxruntime_ms": min(ort_s) * 1e3, "pytorch_ms": min(torch_s) * 1e3,
-            "ratio": min(torch_s) / min(ort_s), "max_abs_diff": float(np.max(np.abs(ours - ref.float().numpy())))}
 
 
 def eager_stepper(model, past: int):

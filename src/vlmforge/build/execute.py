@@ -14,7 +14,7 @@ import logging
 
 from vlmforge.build.cache import Entry, StageCache
 from vlmforge.build.plan import Build, Node, key_inputs, node_keys
-from vlmforge.core.memory import give_back
+from vlmforge.core.memory import give_back, rss_note
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ class Executor:
         self._entries[node.name] = entry
         checks = len(entry.record.get("checks", ()))
         seconds = self.build.timings.get(node.timing, 0.0)
-        log.info("%s: %s", node.label, (node.hit if hit else node.done).format(short=entry.short, seconds=seconds,
-                                                                              checks=checks))
+        log.info("%s: %s (%s)", node.label, (node.hit if hit else node.done).format(short=entry.short, seconds=seconds,
+                                                                                   checks=checks), rss_note())
         return entry.record, entry
 
     def _materialise(self, node: Node) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from vlmforge.core.contracts import KVLayout, StageContract
 from vlmforge.core.errors import RecipeError
-from vlmforge.core.memory import give_back
+from vlmforge.core.memory import give_back, rss_note
 from vlmforge.runtime.engine import Engine
 from vlmforge.validators import chain, contract, parity
 from vlmforge.host.dynamic import DynamicImageParams
@@ -119,19 +119,19 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
     finally:
         ref.release()
         give_back()
-    log.info("reference pass done in %.1f s; PyTorch model freed", time.perf_counter() - t)
+    log.info("reference pass done in %.1f s; PyTorch model freed (%s)", time.perf_counter() - t, rss_note())
     return ref, refs
 
 
 def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
     pre = parity.check_preprocess(ref, images, tolerance(vcfg.tolerances, "preprocess", "fp32"))
-    log.info("reference: vision (%d images)", len(images))
+    log.info("reference: vision (%d images; %s)", len(images), rss_note())
     vision = parity.reference_vision(ref, images, inp.params.dynamic)
-    log.info("reference: embedding and decoder (prefill + %d decode steps)", vcfg.decode_steps)
+    log.info("reference: embedding and decoder (prefill + %d decode steps; %s)", vcfg.decode_steps, rss_note())
     embedding = parity.reference_embedding(ref, vision[0], inp.deepstack)
     decoder = parity.reference_decoder(ref, vision[0], inp.deepstack, vcfg.decode_steps)
     cases = _chain_cases(vcfg, images, inp.params.dynamic)
-    log.info("reference: HF generate (%d tokens, %d prompts)", vcfg.chain_tokens, len(cases))
+    log.info("reference: HF generate (%d tokens, %d prompts; %s)", vcfg.chain_tokens, len(cases), rss_note())
     wants = [chain.reference_chain(ref, p, imgs, vcfg.chain_tokens) for _, p, imgs in cases]
     task = None
     if vcfg.task_questions:
@@ -150,7 +150,7 @@ def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> d
     out: dict = {"loaded": {}}
     for stage in (s for s, p in inp.precisions.items() if p == "int4"):
         out["loaded"][stage] = load_into(ref.model, inp.fp32_directory / f"{stage}.onnx", inp.directory / f"{stage}.onnx")
-    log.info("reference: PyTorch with the INT4 graphs' weights (%s)", ", ".join(out["loaded"]))
+    log.info("reference: PyTorch with the INT4 graphs' weights (%s; %s)", ", ".join(out["loaded"]), rss_note())
     vision = parity.reference_vision(ref, images[:1])
     if inp.precisions["vision"] == "int4":
         out["vision"] = vision
@@ -205,18 +205,18 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     base = fp32_outputs(inp, ref, vcfg, images) if inp.fp32_directory is not None else None
     engine = staged_engine(inp.directory, inp.contracts, inp.providers)
     results, versus = list(refs.preprocess), []
-    log.info("graph pass: vision")
+    log.info("graph pass: vision (%s)", rss_note())
     results += parity.check_vision(engine.keep("vision"), refs.vision, tol("vision"), inp.deepstack)
     versus += _versus(engine, base, inp, vcfg, "vision")
     same = _same_weight_checks(engine, inp, refs, vcfg, "vision")
-    log.info("graph pass: embedding")
+    log.info("graph pass: embedding (%s)", rss_note())
     results += parity.check_embedding(engine.keep("embedding"), refs.embedding, tol("embedding"), inp.deepstack)
     versus += _versus(engine, base, inp, vcfg, "embedding")
-    log.info("graph pass: decoder")
+    log.info("graph pass: decoder (%s)", rss_note())
     results += parity.check_decoder(engine.keep("decoder"), refs.decoder, tol("decoder"))
     versus += _versus(engine, base, inp, vcfg, "decoder")
     same += _same_weight_checks(engine, inp, refs, vcfg, "decoder")
-    log.info("graph pass: the chain against HF generate (%d tokens)", vcfg.chain_tokens)
+    log.info("graph pass: the chain against HF generate (%d tokens; %s)", vcfg.chain_tokens, rss_note())
     results += chain.check_chain(engine, ref, _chain_cases(vcfg, images, inp.params.dynamic), refs.chain,
                                  vcfg.chain_tokens,
                                  tolerance(vcfg.tolerances, "chain", worst))
@@ -227,7 +227,7 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
         results += check_task(engine, ref, vcfg.task_questions, refs.task, tolerance(vcfg.tolerances, "task", worst))
     variant = _deepstack_drop_deviation(engine, ref, vcfg, images, refs.deviation) if inp.deepstack_off else {}
     engine.close()
-    log.info("graph pass done in %.1f s", time.perf_counter() - t)
+    log.info("graph pass done in %.1f s (%s)", time.perf_counter() - t, rss_note())
     return kinds(results + versus, inp) + same, variant
 
 
