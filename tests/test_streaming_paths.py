@@ -193,3 +193,24 @@ def test_an_exported_module_leaves_none_of_its_weights_alive(tmp_path):
     del model
     gc.collect()
     assert [r() is None for r in refs] == [True] * len(refs)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_validation_reference_model_is_from_pretrained_bit_for_bit(family, cache):
+    """The reference pass's model (read tensor by tensor, no memory map of the shards) has from_pretrained's
+    parameters, buffers, ties and memory layout, and so its logits to the last bit."""
+    from vlmforge.loading import whole_model
+    from vlmforge.source import load_model
+
+    src, cfg = _source(f"fixture:{family}", family, cache)
+    want, got = load_model(src), whole_model(src, cfg)
+    wp, gp = dict(want.named_parameters(remove_duplicate=False)), dict(got.named_parameters(remove_duplicate=False))
+    assert set(wp) == set(gp)
+    for n, p in wp.items():
+        assert gp[n].device.type == "cpu" and torch.equal(gp[n], p) and gp[n].stride() == p.stride(), n
+    assert all(torch.equal(b, dict(want.named_buffers())[n]) for n, b in got.named_buffers())
+    assert (got.lm_head.weight is got.get_input_embeddings().weight) == \
+        (want.lm_head.weight is want.get_input_embeddings().weight)
+    ids = torch.randint(0, cfg.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=ids).logits, want(input_ids=ids).logits)

@@ -50,6 +50,19 @@ def stage_model(source, hf_config, stage: str, dtype: str = "float32", loaded=No
         give_back()
 
 
+def whole_model(source, hf_config, dtype: str = "float32"):
+    """The whole model for the validation's reference pass, read tensor by tensor as a stage is: it holds the
+    FP32 model and one tensor, where `from_pretrained` also kept the memory-mapped bf16 shards resident while
+    it cast them (1.23x the FP32 bytes measured at 8 layers of 3B widths, against ~1.0x). Linear weights are
+    contiguous here, as `from_pretrained` leaves them: the exporter's transposed buffers would send eager
+    PyTorch through another GEMM path and move the reference's last bits. Parameters, buffers, ties and
+    outputs equal `from_pretrained`'s (tests/test_streaming_paths.py)."""
+    model = meta_model(source, hf_config, dtype)
+    names = materialise(model, source, None, dtype, transposed=False)
+    log.info("the whole model: %d tensors materialised from the checkpoint", len(names))
+    return model
+
+
 def meta_model(source, hf_config, dtype: str = "float32"):
     """The model of `hf_config` (copied: construction writes into its config), parameters on meta."""
     import torch
@@ -82,9 +95,11 @@ def _parameters_on_meta():
         torch.nn.Module.register_parameter = original
 
 
-def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "float32") -> list[str]:
+def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "float32",
+                transposed: bool = True) -> list[str]:
     """Read every parameter of `model` under `prefixes` (all of them when None) from the checkpoint's
-    safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included)."""
+    safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included).
+    `transposed`: Linear weights as transpose views of [in, out] buffers (for the exporter; see above)."""
     import torch
 
     from vlmforge.source import read_safetensors_header
@@ -118,7 +133,7 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                     raise CheckpointError(f"tensor {key!r} has shape {list(tensor.shape)}, the model needs "
                                           f"{list(want)}", where=str(file),
                                           fix="use the config.json that came with these weights")
-                if len(want) == 2 and _linear_weight(model, names, prefixes):
+                if transposed and len(want) == 2 and _linear_weight(model, names, prefixes):
                     # Stored transposed ([in, out]) and handed over as its transpose view: the exporter folds
                     # the MatMul's Transpose(weight) into a view of this buffer, not a second copy (same bytes).
                     buf = torch.empty(want[::-1], dtype=target)

@@ -41,9 +41,10 @@ from vlmforge.build.publish_dir import work_dirs
 from vlmforge.config import BuildConfig
 from vlmforge.core.errors import CheckpointError
 from vlmforge.core.hashing import sha256_file
+from vlmforge.loading import whole_model
 from vlmforge.progress import Progress
 from vlmforge.registry import STAGES, family_module
-from vlmforge.source import check_model_size, checkpoint_file, load_model
+from vlmforge.source import check_model_size, checkpoint_file
 from vlmforge.transforms import TRANSFORMS
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Build:
             t = time.perf_counter()
             log.info("loading the PyTorch model from %s (for %s)", self.source.path, why)
             with self.progress.step("loading the PyTorch model"):
-                self._model = load_model(self.source, self.cfg.model.trust_remote_code, self.cfg.model.load_dtype)
+                self._model = whole_model(self.source, self.hf_config, self.cfg.model.load_dtype)
             self.timings["load_model"] = time.perf_counter() - t
             self.model_loaded = True
         return self._model

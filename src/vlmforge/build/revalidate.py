@@ -9,7 +9,8 @@ from vlmforge.config import from_dict
 from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
-from vlmforge.source import load_model, open_source
+from vlmforge.loading import whole_model
+from vlmforge.source import open_source
 from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult
@@ -67,5 +68,5 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
         params = image_params(source.path, hf_config, size, family.image.mean, family.image.std)
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
-    loader = lambda: load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)  # noqa: E731
+    loader = lambda: whole_model(source, hf_config, cfg.model.load_dtype)  # noqa: E731
     return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic)).checks
