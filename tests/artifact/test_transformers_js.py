@@ -311,3 +311,18 @@ def test_dynamic_layout_resizes_to_hfs_grid_with_its_own_resampling(q25_dynamic_
     assert js["image_grid_thw"] == hf["image_grid_thw"] and js["prompt_tokens"] == ids
     diff = np.abs(_pixels(tmp_path / "pv.bin", hf["pixel_values"].shape) - hf["pixel_values"])
     assert 1e-3 < diff.max() < 0.5 and diff.mean() < 0.02
+
+
+@pytest.fixture(scope="module")
+def q3_dynamic_layout(qwen3_dynamic_drop, tmp_path_factory):
+    return export_js(qwen3_dynamic_drop.directory, tmp_path_factory.mktemp("tjs-q3-dyn") / "tiny-q3-dynamic")
+
+
+def test_dynamic_qwen3_vl_layout_without_deepstack_matches_hf(q3_dynamic_layout, work_dirs, tmp_path):
+    """transformers.js runs qwen3_vl as its Qwen2.5-VL class (models/qwen3_vl: no DeepStack path); a
+    non-square image on Qwen3-VL's 32 px grid."""
+    images = _images(tmp_path, [(448, 288)])
+    ids, want = hf_greedy("qwen3_vl", work_dirs["cache"], images, deepstack_off=True)
+    js = node_greedy(q3_dynamic_layout, images)
+    assert js["image_grid_thw"] == [[1, 18, 28]]
+    assert js["prompt_tokens"] == ids and js["new_tokens"] == want
