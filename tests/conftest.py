@@ -76,6 +76,8 @@ SESSION_SETS = {
     # the fixed builds' cache entries; 16 chain tokens per prompt (of 5 prompts) keep the validation short.
     "qwen25_dynamic": ("model=tiny_qwen2_5_vl", "vision=dynamic", "validate.chain_tokens=16"),
     "qwen3_dynamic": ("model=tiny_qwen3_vl", "vision=dynamic", "validate.chain_tokens=16"),
+    # The only dynamic Qwen3-VL variant onnxruntime-genai and transformers.js run (neither has a DeepStack path).
+    "qwen3_dynamic_drop": ("model=tiny_qwen3_vl", "vision=dynamic", "model.deepstack=drop", "validate.chain_tokens=16"),
 }
 
 

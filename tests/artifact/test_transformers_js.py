@@ -1,8 +1,14 @@
 """`vlmforge export-js`: the layout transformers.js loads, run in Node (js/, `make js-setup`) against HF generate.
 
-The image is exactly the set's fixed size, so HF's processor (the checkpoint's own pixel bounds) and
-transformers.js's (the layout's, pinned to the fixed grid) both leave it unresized: the two pipelines see
-the same pixels, the same prompt ids and must give the same greedy tokens.
+Fixed-size sets: the image is exactly the set's fixed size, so HF's processor (the checkpoint's own pixel
+bounds) and transformers.js's (the layout's, pinned to the fixed grid) both leave it unresized: the two
+pipelines see the same pixels, the same prompt ids and must give the same greedy tokens.
+
+vision=dynamic sets: HF's processor and transformers.js's pick the same grid (both smart_resize within the
+set's pixel budget) for the sizes here, and an image already on that grid is not resized by either: same
+pixels, same tokens. An image that needs resizing is resized by transformers.js's own code (sharp's affine
+bicubic in Node), not PIL's: the grid and the prompt are HF's, the pixels close but not equal (measured here,
+tokens then may differ: README).
 """
 
 from __future__ import annotations
@@ -29,23 +35,37 @@ PROMPT = "Describe this image in detail."
 N_TOKENS = 12
 
 
-def run_node(layout: Path, image: Path, n: int = N_TOKENS) -> subprocess.CompletedProcess:
+def run_node(layout: Path, images, n: int = N_TOKENS, prompt: str = PROMPT, pixels: Path | None = None
+             ) -> subprocess.CompletedProcess:
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "@huggingface" / "transformers").is_dir():
         pytest.fail("Node 18+ and js/node_modules are needed: run `make js-setup` (make test does)")
-    return subprocess.run([node, str(JS / "greedy.mjs"), str(layout), "--image", str(image), "--prompt", PROMPT,
-                           "--tokens", str(n), "--min-tokens", str(n)], capture_output=True, text=True, timeout=300)
+    images = [images] if isinstance(images, (str, Path)) else list(images)
+    args = [node, str(JS / "greedy.mjs"), str(layout), "--prompt", prompt, "--tokens", str(n), "--min-tokens", str(n)]
+    for image in images:
+        args += ["--image", str(image)]
+    if pixels is not None:
+        args += ["--pixels", str(pixels)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
-def node_greedy(layout: Path, image: Path, n: int = N_TOKENS) -> dict:
-    proc = run_node(layout, image, n)
+def node_greedy(layout: Path, images, n: int = N_TOKENS, prompt: str = PROMPT, pixels: Path | None = None) -> dict:
+    proc = run_node(layout, images, n, prompt, pixels)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
 
-def hf_greedy(family_key: str, cache: Path, image: Path, n: int = N_TOKENS, deepstack_off: bool = False) -> tuple[list, list]:
+def hf_greedy(family_key: str, cache: Path, images, n: int = N_TOKENS, deepstack_off: bool = False,
+              prompt: str = PROMPT) -> tuple[list, list]:
     """(prompt ids, new tokens) of HF generate on the tiny checkpoint, HF's tokenizer, chat template and image
-    processor with the checkpoint's own preprocessor config."""
+    processor with the checkpoint's own preprocessor config, on the original files (several: one call)."""
+    ids, tokens, _ = hf_run(family_key, cache, images, n, deepstack_off, prompt)
+    return ids, tokens
+
+
+def hf_run(family_key: str, cache: Path, images, n: int = N_TOKENS, deepstack_off: bool = False,
+           prompt: str = PROMPT) -> tuple[list, list, dict]:
+    """hf_greedy, and HF's processor outputs (pixel_values as numpy, image_grid_thw as a list)."""
     import contextlib
 
     import transformers
@@ -55,25 +75,42 @@ def hf_greedy(family_key: str, cache: Path, image: Path, n: int = N_TOKENS, deep
     from vlmforge.registry import get_family
     from vlmforge.source import fixture_dir
 
+    images = [images] if isinstance(images, (str, Path)) else list(images)
     family = get_family(family_key)
     src = str(fixture_dir(cache, family_key))
-    model = getattr(transformers, family.hf_class).from_pretrained(src).eval()
+    model = _hf_model(family.hf_class, src)
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    proc = getattr(transformers, family.image.processor_class).from_pretrained(src)
-    px = proc(images=[Image.open(image).convert("RGB")], return_tensors="pt")
     merge = model.config.vision_config.spatial_merge_size
-    n_img = int(px["image_grid_thw"][0].prod()) // merge**2
-    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-                                   add_generation_prompt=True, tokenize=False)
-    ids = expand_image_tokens(tok(text, add_special_tokens=False)["input_ids"], [n_img], model.config.image_token_id,
+    kw, counts, seen = {}, [], {}
+    if images:
+        proc = getattr(transformers, family.image.processor_class).from_pretrained(src)
+        px = proc(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")
+        kw = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
+        counts = [int(g.prod()) // merge**2 for g in px["image_grid_thw"]]
+        seen = {"pixel_values": px["pixel_values"].float().numpy(), "image_grid_thw": px["image_grid_thw"].tolist()}
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    ids = expand_image_tokens(tok(text, add_special_tokens=False)["input_ids"], counts, model.config.image_token_id,
                               vision_start_token_id=model.config.vision_start_token_id)
     t = torch.tensor([ids])
     off = family.deepstack_off(model) if deepstack_off else contextlib.nullcontext()
     with torch.no_grad(), off:
-        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), pixel_values=px["pixel_values"],
-                             image_grid_thw=px["image_grid_thw"], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, **kw,
                              mm_token_type_ids=torch.from_numpy(mm_token_type_ids(t.numpy(), model.config.image_token_id)))
-    return ids, out[0, len(ids):].tolist()
+    return ids, out[0, len(ids):].tolist(), seen
+
+
+_MODELS: dict = {}
+
+
+def _hf_model(hf_class: str, src: str):
+    """One HF model per checkpoint for the module (loading it is most of an HF run on the tiny fixtures)."""
+    import transformers
+
+    if src not in _MODELS:
+        _MODELS[src] = getattr(transformers, hf_class).from_pretrained(src).eval()
+    return _MODELS[src]
 
 
 def _image(tmp: Path, manifest: dict) -> Path:
@@ -212,3 +249,80 @@ def test_refuses_a_tampered_set(qwen25_392, tmp_path):
     with pytest.raises(ArtifactError, match="changed .sha256 differs.: decoder.onnx"):
         export_js(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- vision=dynamic sets -----------------------------------------------------------------------------------------
+def _images(tmp: Path, sizes, seed: int = 60) -> list[Path]:
+    out = []
+    for i, size in enumerate(sizes):
+        path = tmp / f"img{seed + i}-{size[0]}x{size[1]}.png"
+        sample_image(seed + i, size=size).save(path)  # (width, height)
+        out.append(path)
+    return out
+
+
+def _pixels(path: Path, shape) -> np.ndarray:
+    return np.fromfile(path, dtype="<f4").reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def q25_dynamic_layout(qwen25_dynamic, tmp_path_factory):
+    return export_js(qwen25_dynamic.directory, tmp_path_factory.mktemp("tjs-dyn") / "tiny-q25-dynamic")
+
+
+def test_dynamic_layout_keeps_the_sets_pixel_budget(q25_dynamic_layout, qwen25_dynamic):
+    pp = _manifest(qwen25_dynamic.directory)["components"]["vision"]["preprocess"]
+    cfg = json.loads((q25_dynamic_layout / "preprocessor_config.json").read_text())
+    assert (cfg["min_pixels"], cfg["max_pixels"]) == (pp["min_pixels"], pp["max_pixels"])
+    assert cfg["size"] == {"shortest_edge": pp["min_pixels"], "longest_edge": pp["max_pixels"]}
+    mark = json.loads((q25_dynamic_layout / MARK).read_text())["vision"]
+    differences = mark.pop("known_differences")
+    assert mark == {"component": "vision", "min_pixels": pp["min_pixels"], "max_pixels": pp["max_pixels"],
+                    "fixed_hw": None}
+    assert [d.split(":")[0] for d in differences] == ["grid", "grid", "pixels"] and "(e.g. 70, 350 px)" in differences[0]
+
+
+# On the grid already (no resize by either side): a landscape, a portrait beside a square in one prompt, and text
+# alone (that one needs greedy.mjs's fix of transformers.js 4.3.2's text-only rope delta).
+ON_GRID = {"448x308": [(448, 308)], "308x616+392x392": [(308, 616), (392, 392)], "text": []}
+
+
+@pytest.mark.parametrize("case", sorted(ON_GRID))
+def test_dynamic_layout_matches_hf_on_images_already_on_the_grid(q25_dynamic_layout, work_dirs, tmp_path, case):
+    images = _images(tmp_path, ON_GRID[case])
+    prompt = PROMPT if images else "Write a short poem about the sea."
+    ids, want, hf = hf_run("qwen2_5_vl", work_dirs["cache"], images, prompt=prompt)
+    js = node_greedy(q25_dynamic_layout, images, prompt=prompt, pixels=tmp_path / "pv.bin")
+    assert js["image_grid_thw"] == hf.get("image_grid_thw", [])
+    if images:
+        got = _pixels(tmp_path / "pv.bin", hf["pixel_values"].shape)
+        assert np.max(np.abs(got - hf["pixel_values"])) < 1e-5
+    assert js["prompt_tokens"] == ids
+    assert len(want) == N_TOKENS and js["new_tokens"] == want
+
+
+@pytest.mark.parametrize("sizes", [[(451, 300)], [(300, 620)]], ids=["451x300", "300x620"])
+def test_dynamic_layout_resizes_to_hfs_grid_with_its_own_resampling(q25_dynamic_layout, work_dirs, tmp_path, sizes):
+    """The grid, the prompt ids and the image-token count are HF's; the pixels are transformers.js's resize
+    (sharp's affine bicubic), not PIL's: close (measured max 0.36 normalised) but not equal."""
+    images = _images(tmp_path, sizes)
+    ids, _, hf = hf_run("qwen2_5_vl", work_dirs["cache"], images, n=1)
+    js = node_greedy(q25_dynamic_layout, images, n=1, pixels=tmp_path / "pv.bin")
+    assert js["image_grid_thw"] == hf["image_grid_thw"] and js["prompt_tokens"] == ids
+    diff = np.abs(_pixels(tmp_path / "pv.bin", hf["pixel_values"].shape) - hf["pixel_values"])
+    assert 1e-3 < diff.max() < 0.5 and diff.mean() < 0.02
+
+
+@pytest.fixture(scope="module")
+def q3_dynamic_layout(qwen3_dynamic_drop, tmp_path_factory):
+    return export_js(qwen3_dynamic_drop.directory, tmp_path_factory.mktemp("tjs-q3-dyn") / "tiny-q3-dynamic")
+
+
+def test_dynamic_qwen3_vl_layout_without_deepstack_matches_hf(q3_dynamic_layout, work_dirs, tmp_path):
+    """transformers.js runs qwen3_vl as its Qwen2.5-VL class (models/qwen3_vl: no DeepStack path); a
+    non-square image on Qwen3-VL's 32 px grid."""
+    images = _images(tmp_path, [(448, 288)])
+    ids, want = hf_greedy("qwen3_vl", work_dirs["cache"], images, deepstack_off=True)
+    js = node_greedy(q3_dynamic_layout, images)
+    assert js["image_grid_thw"] == [[1, 18, 28]]
+    assert js["prompt_tokens"] == ids and js["new_tokens"] == want

@@ -11,8 +11,12 @@
   a `decoder.pipeline` selects its MultiModalLanguageModel (vision -> embedding -> decoder sessions,
   3-D MRoPE positions computed by the runtime, vision run once per image with `image_grid_thw [1, 3]`).
 * `processor_config.json`: the onnxruntime-extensions image pipeline DecodeImage -> ConvertRGB ->
-  Resize (`smart_resize: 0`, the fixed side) -> Rescale -> Normalize -> PatchImage. ConvertRGB is
-  required (without it pixels differ from HF's by up to ~3.7).
+  Resize -> Rescale -> Normalize -> PatchImage. ConvertRGB is required (without it pixels differ from HF's
+  by up to ~3.7). Resize: `smart_resize: 0` and the fixed side for a fixed-size set; for a vision=dynamic
+  set `smart_resize: 1` with the set's min/max pixels (HF's smart_resize, aspect ratio kept). Its
+  smart_resize and resize are not HF's everywhere (`dynamic_differences`, recorded in runtime_config.json
+  as genai.known_differences): no processor_config attribute changes either (Resize takes height, width,
+  keep_aspect_ratio, interpolation, smart_resize, min/max_pixels, patch/merge size).
 
 The decoder concatenates past and new keys/values, so `search.past_present_share_buffer` must be false
 (a shared buffer needs a fused attention kernel that writes in place).
@@ -50,9 +54,6 @@ def write_runtime_configs(directory: Path, family_key: str, genai_type: str | No
     tc = hf_config.text_config
     ids = token_ids(hf_config, _generation_config(directory))
     loadable, reason = genai_loadable(family_key, genai_type, deepstack)
-    if loadable and getattr(params, "dynamic", False):
-        loadable, reason = False, ("the processor_config.json of a vision=dynamic set (smart_resize) is not written "
-                                   "yet; onnxruntime-genai loads the fixed-size sets")
     runtime = {
         "format": "vlmforge-runtime",
         "version": 1,
@@ -62,12 +63,32 @@ def write_runtime_configs(directory: Path, family_key: str, genai_type: str | No
         "pad_token_id": ids["pad"],
         "genai": {"loadable": loadable, "reason": reason},
     }
+    if loadable and getattr(params, "dynamic", False):
+        runtime["genai"]["known_differences"] = dynamic_differences(params)
     written = [_write_json(directory / RUNTIME_CONFIG, runtime)]
     if loadable:
         genai = genai_config(genai_type, hf_config, contracts, params, ids)
         written.append(_write_json(directory / GENAI_CONFIG, genai))
         written.append(_write_json(directory / PROCESSOR_CONFIG, processor_config(family_key, genai_type, params)))
     return written
+
+
+def dynamic_differences(params) -> list[str]:
+    """Where onnxruntime-genai 0.18's smart_resize pipeline (onnxruntime-extensions' Resize) is not HF's
+    processor, so its tokens for such an image can differ from HF `generate`'s (measured: README)."""
+    f = int(params.factor)
+    return [
+        f"grid: a side of (k + 1/2) x {f} px with k even (e.g. {5 * f // 2}, {25 * f // 2} px) inside the pixel "
+        f"budget gets {f} px more than HF gives it: onnxruntime-extensions rounds half away from zero (std::round), "
+        "HF's smart_resize half to even (Python round); a different grid is a different prompt",
+        f"grid: a side below {f} px, or an image below min_pixels whose scaled-up side lands less than 1 px above "
+        f"a multiple of {f}, can get another size (extensions clamps each rounded side to at least {f} px and "
+        "truncates the scaled side before its ceil)",
+        "pixels: an image whose height the resize shrinks clearly more than its width (e.g. 300x620 -> 308x616, "
+        "1000x600 -> 1008x588) differs in pixel_values by up to ~0.36 (normalised): Pillow 13 resizes it "
+        "vertically first (python-pillow/Pillow#9549), the Pillow resample code inside onnxruntime-extensions "
+        "always horizontally first",
+    ]
 
 
 def token_ids(hf_config, generation_config: dict) -> dict:
@@ -179,8 +200,7 @@ def processor_config(family_key: str, genai_type: str, params) -> dict:
             "transforms": [
                 op("decode_image", "DecodeImage", color_space="RGB"),
                 op("convert_to_rgb", "ConvertRGB"),
-                op("resize", "Resize", width=int(params.size), height=int(params.size), smart_resize=0,
-                   patch_size=int(params.patch_size), merge_size=int(params.merge_size)),
+                op("resize", "Resize", **_resize_attrs(params)),
                 op("rescale", "Rescale", rescale_factor=1 / 255),
                 op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{genai_type: 1}),
                 op("patch_image", "PatchImage", patch_size=int(params.patch_size),
@@ -188,6 +208,15 @@ def processor_config(family_key: str, genai_type: str, params) -> dict:
             ],
         }
     }
+
+
+def _resize_attrs(params) -> dict:
+    """The Resize step: a fixed set's one side (`smart_resize: 0`), or a dynamic set's pixel budget
+    (`smart_resize: 1`: HF's smart_resize within [min_pixels, max_pixels], aspect ratio kept)."""
+    grid = {"patch_size": int(params.patch_size), "merge_size": int(params.merge_size)}
+    if getattr(params, "dynamic", False):
+        return {"smart_resize": 1, "min_pixels": int(params.min_pixels), "max_pixels": int(params.max_pixels), **grid}
+    return {"width": int(params.size), "height": int(params.size), "smart_resize": 0, **grid}
 
 
 def _kv_dims(dec) -> dict:

@@ -24,9 +24,12 @@ A set whose graphs transformers.js cannot drive is refused, naming the fix: tran
 decoder nothing but the inputs above, so a Qwen3-VL set that keeps DeepStack (a `deepstack_embeds`
 decoder input) would fail inside onnxruntime ("missing input"); it must be built with model.deepstack=drop.
 
-Where the vision graph comes from is a parameter (`VisionSource`): today's fixed-size sets give one with
-the pixel bounds pinned to the fixed grid (HF's smart_resize keeps an image of exactly that size, so an
-image of that size is preprocessed exactly as HF does); a dynamic-resolution set gives its own bounds.
+Where the vision graph comes from is a parameter (`VisionSource`, by default the set's own): a fixed-size set
+gives one with the pixel bounds pinned to the fixed grid (HF's smart_resize keeps an image of exactly that
+size, so an image of that size is preprocessed exactly as HF does); a vision=dynamic set gives its own graph,
+which takes any grid, with the pixel budget it was built with. transformers.js then picks the grid as HF does
+(its smart_resize is HF's), but resizes with its own image code (sharp's affine bicubic in Node), which is not
+PIL's: an image that needs resizing gets pixel values close to, not equal to, HF's.
 """
 
 from __future__ import annotations
@@ -84,6 +87,27 @@ def fixed_vision(manifest: dict) -> VisionSource:
     return VisionSource("vision", h * w, h * w, (h, w))
 
 
+def dynamic_vision(manifest: dict) -> VisionSource:
+    """The dynamic-resolution vision graph of a vision=dynamic set: any grid, the pixel budget the set was
+    built and validated with (manifest components.vision.preprocess), which transformers.js's smart_resize
+    then keeps to exactly as HF's processor does."""
+    pp = manifest["components"]["vision"]["preprocess"]
+    try:
+        lo, hi = int(pp["min_pixels"]), int(pp["max_pixels"])
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError("the dynamic vision component records no min_pixels/max_pixels",
+                            where="manifest.json components.vision.preprocess",
+                            fix="rebuild the set with this vlmforge version") from None
+    return VisionSource("vision", lo, hi, None)
+
+
+def vision_source(manifest: dict) -> VisionSource:
+    """The set's own vision graph as transformers.js's `vision_encoder`: dynamic or fixed, as built."""
+    if manifest["components"]["vision"].get("vision") == "dynamic":
+        return dynamic_vision(manifest)
+    return fixed_vision(manifest)
+
+
 def export_js(directory: Path, out: Path, vision: VisionSource | None = None) -> Path:
     """Verify the artifact set `directory`, then write the transformers.js layout `out` atomically (a staging
     folder beside it, one rename). An `out` that exists must be empty or a layout this command wrote."""
@@ -92,7 +116,7 @@ def export_js(directory: Path, out: Path, vision: VisionSource | None = None) ->
     if not manifest["validation"]["passed"]:
         raise ArtifactError("the artifact set records no passed validation", where=str(directory / MANIFEST),
                             fix="rebuild it with validation on (`vlmforge export ...`)")
-    vision = vision or fixed_vision(manifest)
+    vision = vision or vision_source(manifest)
     contracts = _contracts(manifest)
     check_loadable(manifest, contracts, vision, str(directory / MANIFEST))
     _check_target(directory, out)
@@ -249,7 +273,26 @@ def _write_mark(staging: Path, directory: Path, manifest: dict, vision: VisionSo
         "files": {rel: {"sha256": sha256_file(staging / rel), "bytes": (staging / rel).stat().st_size}
                   for rel in files},
     }
+    if vision.fixed_hw is None:
+        pp = manifest["components"][vision.component]["preprocess"]
+        mark["vision"]["known_differences"] = dynamic_differences(int(pp["patch_size"]) * int(pp["merge_size"]))
     _write_json(staging / MARK, mark)
+
+
+def dynamic_differences(factor: int) -> list[str]:
+    """Where transformers.js 4.3's Qwen2-VL image processor (image_processors_utils.js smart_resize, RawImage.resize)
+    is not HF's for a dynamic set, so its tokens for such an image can differ from HF `generate`'s (README)."""
+    f = factor
+    return [
+        f"grid: a side of (k + 1/2) x {f} px with k even (e.g. {5 * f // 2}, {25 * f // 2} px) inside the pixel "
+        f"budget gets {f} px more than HF gives it: transformers.js rounds half up (Math.round), HF's smart_resize "
+        "half to even (Python round); a different grid is a different prompt",
+        f"grid: a side below {f} px is first scaled up to {f} px by transformers.js (HF's smart_resize does not), "
+        "which can give another grid",
+        "pixels: an image that needs resizing is resized with sharp's affine bicubic (Node), not PIL's bicubic: "
+        "pixel_values within ~0.36 (normalised) of HF's, and the tokens can differ; an image already on the grid "
+        "is not resized by either and matches",
+    ]
 
 
 def _write_json(path: Path, data: dict) -> None:
