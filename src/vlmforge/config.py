@@ -165,7 +165,7 @@ LOAD_DTYPES = ("float32",)
 # validate.tolerances.<stage>.<precision>.<metric>: the stages and metrics the validators gate on.
 TOLERANCE_STAGES = ("preprocess", "vision", "embedding", "decoder", "chain", "task")
 TOLERANCE_METRICS = ("max_abs", "max_rel", "mean_abs", "accuracy_drop", "cosine", "mean_cosine", "top1", "top5",
-                     "token_match", "answer_agreement", "near_tie", "max_step_error")
+                     "token_match", "answer_agreement", "near_tie", "near_tie_rel", "max_step_error")
 
 
 def check(cfg: BuildConfig, recipe: str) -> None:

@@ -2,7 +2,7 @@
 
 At real widths every session holds a copy of its graph's weights (the decoder of a 3B: ~12 GB as FP32).
 The per-stage checks need one graph each, so `keep(stage)` closes the others before the next opens; the
-chain needs all three. Transformed and FP32 sessions are never open together (suite.fp32_outputs runs the
+chain needs all three, but never vision beside the other two (`exclusive_vision`). Transformed and FP32 sessions are never open together (suite.fp32_outputs runs the
 FP32 graphs first, one at a time, and keeps only their outputs)."""
 
 from __future__ import annotations
@@ -27,8 +27,13 @@ class StagedEngine(Engine):
         self._providers = list(providers) if providers else None
         self._open: dict[str, Graph] = {}
         self.layout = layout
+        self.exclusive_vision = False  # True: opening vision closes the others and the others close vision
 
     def _graph(self, stage: str) -> Graph:
+        if self.exclusive_vision and stage not in self._open:
+            # the chain: vision alone, then embedding + decoder (a 3B's 2.5 GiB FP32 vision graph was resident
+            # beside the 12 GB decoder: the build's peak); reopening a graph gives the same numbers
+            self.keep(*(() if stage == "vision" else tuple(s for s in self._open if s != "vision")))
         if stage not in self._open:
             log.debug("opening %s", self._paths[stage])
             self._open[stage] = Graph(self._paths[stage], self._providers)
