@@ -179,7 +179,7 @@ def processor_config(family_key: str, genai_type: str, params) -> dict:
             "transforms": [
                 op("decode_image", "DecodeImage", color_space="RGB"),
                 op("convert_to_rgb", "ConvertRGB"),
-                op("resize", "Resize", width=int(params.size), height=int(params.size), smart_resize=0,
+                op("resize", "Resize", width=params.hw[1], height=params.hw[0], smart_resize=0,
                    patch_size=int(params.patch_size), merge_size=int(params.merge_size)),
                 op("rescale", "Rescale", rescale_factor=1 / 255),
                 op("normalize", "Normalize", mean=list(params.mean), std=list(params.std), **{genai_type: 1}),

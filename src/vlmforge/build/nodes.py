@@ -20,6 +20,7 @@ from vlmforge.build.publish_dir import VALIDATION_FILE, park_failed
 from vlmforge.config import to_dict
 from vlmforge.core.errors import ValidationFailed
 from vlmforge.core.hashing import sha256_file
+from vlmforge.core.sizes import FixedSize, size_hw, size_json
 from vlmforge.loading import stage_model
 from vlmforge.registry import STAGES
 from vlmforge.source import TOKENIZER_FILES, checkpoint_file
@@ -37,7 +38,7 @@ STAGE_READS = {"vision": ("image_size", "deepstack"), "embedding": ("deepstack",
 
 @dataclass(frozen=True)
 class StageOptions:
-    image_size: int | None  # None: vision=dynamic (the family's dynamic_vision stage)
+    image_size: FixedSize | None  # a side or (height, width); None: vision=dynamic (the family's dynamic_vision stage)
     deepstack: bool
     min_pixels: int | None = None  # vision=dynamic: the smart_resize pixel budget (resolved, never None there)
     max_pixels: int | None = None
@@ -134,7 +135,7 @@ def validation(b, node, folder: Path) -> dict:
                           tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
                           fp32_directory=b.scratch if node.scratch else None)
         # run_suite takes the model (b.take_model) for its PyTorch pass and frees it before the graph pass
-        images = validation_images(cfg.validate, b.options.dynamic)
+        images = validation_images(cfg.validate, b.options.dynamic, b.options.image_size)
         result = run_suite(inp, b.take_model, b.source.path, cfg.validate, images)
     b.timings[node.timing] = time.perf_counter() - t
     b.checks = (result.checks, result.variant)  # as measured; the record holds them rounded (CheckResult.to_json)
@@ -146,9 +147,11 @@ def validation(b, node, folder: Path) -> dict:
 DYNAMIC_SIZES = ((500, 500), (451, 300), (300, 620))
 
 
-def validation_images(vcfg, dynamic: bool = False) -> list:
-    """The user's images as they are, or the built-in ones: squares for a fixed size; for a dynamic build
-    one image per aspect ratio of DYNAMIC_SIZES (at least three, seeds reused in turn)."""
+def validation_images(vcfg, dynamic: bool = False, size=None) -> list:
+    """The user's images as they are, or the built-in ones: squares for a square size; for a non-square
+    size (height, width) images of exactly that size (HF's processor keeps them as they are, so the
+    comparison holds without a resize by either side); for a dynamic build one image per aspect ratio of
+    DYNAMIC_SIZES (at least three, seeds reused in turn)."""
     from vlmforge.host.preprocess import load_image
 
     if vcfg.images:
@@ -156,7 +159,9 @@ def validation_images(vcfg, dynamic: bool = False) -> list:
     from vlmforge.fixtures.images import sample_image
 
     if not dynamic:
-        return [sample_image(seed, size=(500, 500)) for seed in vcfg.image_seeds]
+        h, w = size_hw(size) if size is not None else (500, 500)
+        shape = (500, 500) if h == w else (w, h)  # sample_image takes (width, height)
+        return [sample_image(seed, size=shape) for seed in vcfg.image_seeds]
     n = max(len(vcfg.image_seeds), len(DYNAMIC_SIZES))
     return [sample_image(vcfg.image_seeds[i % len(vcfg.image_seeds)], size=DYNAMIC_SIZES[i % len(DYNAMIC_SIZES)])
             for i in range(n)]
@@ -202,9 +207,8 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         if stage == "vision" and getattr(params, "size", None) is None:  # vision=dynamic
             comp.update(vision="dynamic", preprocess=params.to_json())
         elif stage == "vision":
-            comp.update(image_size=params.size, tokens_per_image=params.tokens_per_image,
-                        grid_thw=[1, params.size // params.patch_size, params.size // params.patch_size],
-                        preprocess=params.to_json())
+            comp.update(image_size=size_json(params.size), tokens_per_image=params.tokens_per_image,
+                        grid_thw=params.grid_thw, preprocess=params.to_json())
         comps[stage] = comp
     mc = load_config_ids(source.config)
     return {

@@ -10,6 +10,7 @@ from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
 from vlmforge.source import load_model, open_source
+from vlmforge.core.sizes import size_from_json
 from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult
@@ -49,7 +50,7 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     check_model_size(source, hf_config)
     vision = m["components"]["vision"]
     dynamic = vision.get("vision") == "dynamic"
-    size = None if dynamic else vision["image_size"]
+    size = None if dynamic else size_from_json(vision["image_size"])
     deepstack = family.deepstack_layers(hf_config) > 0 and cfg.model.deepstack == "keep"
     opts = StageOptions(size, deepstack)
     contracts = {s: family.stage(s, dynamic=dynamic).contract(hf_config, opts) for s in ("vision", "embedding", "decoder")}
