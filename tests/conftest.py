@@ -76,6 +76,9 @@ SESSION_SETS = {
     # the fixed builds' cache entries; 16 chain tokens per prompt (of 5 prompts) keep the validation short.
     "qwen25_dynamic": ("model=tiny_qwen2_5_vl", "vision=dynamic", "validate.chain_tokens=16"),
     "qwen3_dynamic": ("model=tiny_qwen3_vl", "vision=dynamic", "validate.chain_tokens=16"),
+    # A non-square fixed size (vision.size=HxW): only its vision graph is new (embedding and decoder: the cache
+    # entries of qwen25_392); 196 px is no multiple of the 112-px window, so edge windows are short.
+    "qwen25_196x336": ("model=tiny_qwen2_5_vl", "vision.size=196x336", "validate.chain_tokens=16"),
 }
 
 
