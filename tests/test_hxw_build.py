@@ -202,3 +202,14 @@ def test_genai_stretches_an_off_size_image_like_the_runtime(genai_model, pipe, t
     want, grid = pipe.image_patches(Image.open(path))
     assert got["image_grid_thw"].as_numpy().tolist() == grid.tolist() == [[1, H // 14, W // 14]]
     assert np.max(np.abs(got["pixel_values"].as_numpy() - want)) < 1e-5
+
+
+def test_task_examples_of_an_hxw_set_are_the_square_ones_stretched():
+    from vlmforge.fixtures.task import heldout_examples
+    from vlmforge.validators.task import task_examples
+
+    square, hxw = heldout_examples(2, 96), task_examples(2, (64, 96))
+    assert [ex.image.size for ex in hxw] == [(96, 64)] * 2
+    assert [(ex.question, ex.answer) for ex in hxw] == [(ex.question, ex.answer) for ex in square]
+    assert np.array_equal(np.asarray(hxw[0].image), np.asarray(square[0].image.resize((96, 64), Image.Resampling.BICUBIC)))
+    assert [np.asarray(ex.image).tobytes() for ex in task_examples(2, 96)] == [np.asarray(ex.image).tobytes() for ex in square]
