@@ -213,3 +213,21 @@ def test_task_examples_of_an_hxw_set_are_the_square_ones_stretched():
     assert [(ex.question, ex.answer) for ex in hxw] == [(ex.question, ex.answer) for ex in square]
     assert np.array_equal(np.asarray(hxw[0].image), np.asarray(square[0].image.resize((96, 64), Image.Resampling.BICUBIC)))
     assert [np.asarray(ex.image).tobytes() for ex in task_examples(2, 96)] == [np.asarray(ex.image).tobytes() for ex in square]
+
+
+def test_user_validation_images_are_fitted_to_a_fixed_set_as_the_runtime_fits_them(tmp_path):
+    from types import SimpleNamespace
+
+    from vlmforge.build import validation_images
+
+    paths = []
+    for i, size in enumerate(((300, 450), (W, H), (500, 500))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        sample_image(i, size=size).save(paths[-1])
+    vcfg = SimpleNamespace(images=paths, image_seeds=[1])
+    hxw = validation_images(vcfg, False, (H, W))
+    assert [img.size for img in hxw] == [(W, H)] * 3
+    assert np.array_equal(np.asarray(hxw[0]), np.asarray(Image.open(paths[0]).convert("RGB").resize((W, H), Image.Resampling.BICUBIC)))
+    square = validation_images(vcfg, False, 392)  # a square into a square set: HF's processor resizes it alike
+    assert [img.size for img in square] == [(392, 392), (392, 392), (500, 500)]
+    assert [img.size for img in validation_images(vcfg, True)] == [(300, 450), (W, H), (500, 500)]  # dynamic: as given

@@ -148,14 +148,16 @@ DYNAMIC_SIZES = ((500, 500), (451, 300), (300, 620))
 
 
 def validation_images(vcfg, dynamic: bool = False, size=None) -> list:
-    """The user's images as they are, or the built-in ones: squares for a square size; for a non-square
-    size (height, width) images of exactly that size (HF's processor keeps them as they are, so the
-    comparison holds without a resize by either side); for a dynamic build one image per aspect ratio of
-    DYNAMIC_SIZES (at least three, seeds reused in turn)."""
+    """The user's images, or the built-in ones: squares for a square size; for a non-square size (height,
+    width) images of exactly that size; for a dynamic build one image per aspect ratio of DYNAMIC_SIZES (at
+    least three, seeds reused in turn). A fixed set's HF reference is HF's processor with min = max = H*W
+    pixels, which keeps an image of exactly H x W (and resizes a square into a square set alike); any other
+    user image is first fitted to the set as the runtime fits it (`fit_image`), so both sides see one grid."""
     from vlmforge.host.preprocess import load_image
 
     if vcfg.images:
-        return [load_image(p) for p in vcfg.images]
+        images = [load_image(p) for p in vcfg.images]
+        return images if dynamic or size is None else [fit_image(img, size, i) for i, img in enumerate(images)]
     from vlmforge.fixtures.images import sample_image
 
     if not dynamic:
@@ -165,6 +167,21 @@ def validation_images(vcfg, dynamic: bool = False, size=None) -> list:
     n = max(len(vcfg.image_seeds), len(DYNAMIC_SIZES))
     return [sample_image(vcfg.image_seeds[i % len(vcfg.image_seeds)], size=DYNAMIC_SIZES[i % len(DYNAMIC_SIZES)])
             for i in range(n)]
+
+
+def fit_image(image, size, index: int = 0):
+    """A user's validation image as a fixed set of `size` takes it: kept if it is already H x W (or a square
+    for a square set), else converted to RGB and stretched to H x W (BICUBIC), as the runtime does."""
+    from PIL import Image
+
+    from vlmforge.host.preprocess import to_rgb
+
+    h, w = size_hw(size)
+    if image.size == (w, h) or (h == w and image.size[0] == image.size[1]):
+        return image
+    log.info("validation image %d (%dx%d) stretched to the set's %dx%d (width x height), as the runtime fits it",
+             index, image.size[0], image.size[1], w, h)
+    return to_rgb(image).resize((w, h), resample=Image.Resampling.BICUBIC)
 
 
 def checks_of(b) -> tuple[list[CheckResult], dict]:

@@ -69,4 +69,4 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
     loader = lambda: load_model(source, cfg.model.trust_remote_code, cfg.model.load_dtype)  # noqa: E731
-    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic)).checks
+    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic, size)).checks

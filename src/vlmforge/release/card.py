@@ -58,7 +58,8 @@ def _vision_rows(vision: dict) -> list[list]:
                 ["tokens per image", f"{pp['min_pixels'] // factor ** 2} to {pp['max_pixels'] // factor ** 2}"]]
     h, w = size_hw(vision["image_size"])
     fit = vision.get("preprocess", {}).get("fit")
-    return [["vision input", f"{h} x {w} px" + (f" (height x width; other sizes: {fit} to it)" if fit else "")],
+    fitted = {"stretch": "stretched"}.get(fit, fit)
+    return [["vision input", f"{h} x {w} px" + (f" (height x width; images of other sizes are {fitted} to it)" if fit else "")],
             ["tokens per image", vision["tokens_per_image"]]]
 
 
