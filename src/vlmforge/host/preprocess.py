@@ -76,7 +76,7 @@ def image_to_patches(
     """One image -> (`pixel_values` float32 ``[grid_h*grid_w, 3*T*P*P]``, `grid_thw` int64 ``[[1, gh, gw]]``).
     `size`: a square side or (height, width); an image of another size is stretched to it."""
     height, width = size_hw(size)
-    for side in {height, width}:
+    for side in dict.fromkeys((height, width)):  # each side once, height first
         _check_size(side, patch_size, merge_size)
     rgb = to_rgb(image)
     if rgb.size != (width, height):

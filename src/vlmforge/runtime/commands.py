@@ -64,16 +64,11 @@ def format_stats(stats) -> str:
 
 
 def cmd_generate(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from vlmforge.host.preprocess import load_image
     from vlmforge.runtime.pipeline import Pipeline
 
     out, err = out or sys.stdout, err or sys.stderr
     pipe = Pipeline.load(args.directory, providers=args.provider, threads=args.threads)
     pieces = pipe.stream(args.prompt, args.image, **_options(args))  # input errors raise here, before any run
-    for path in args.image:  # how a fixed set fits each image of another size to its own (stderr)
-        note = pipe.fit_note(load_image(path))
-        if note:
-            print(f"{path}: {note}", file=err)
     if args.no_stream:
         out.write("".join(pieces))
     else:

@@ -241,10 +241,11 @@ class Pipeline:
         if image.size == (w, h):
             return None
         iw, ih = image.size
-        return (f"image {iw}x{ih} (width x height) stretched to {w}x{h}: this set's vision input is fixed at "
-                f"{size_label(self.image_size)} px (height x width), fit={self.fit}; aspect ratio "
-                f"{iw / ih:.2f} -> {w / h:.2f}" + ("" if abs(iw / ih - w / h) < 0.01 else
-                                                      " (a vision=dynamic set keeps the aspect ratio)"))
+        kept = abs(iw / ih - w / h) < 0.01
+        return (f"image {iw}x{ih} (width x height) {'resized' if kept else 'stretched'} to {w}x{h}: this set's vision "
+                f"input is fixed at {size_label(self.image_size)} px{'' if h == w else ' (height x width)'}, fit={self.fit}; "
+                f"aspect ratio "
+                f"{iw / ih:.2f} -> {w / h:.2f}" + ("" if kept else " (a vision=dynamic set keeps the aspect ratio)"))
 
     def _selector(self, prepared: Sequence[Prepared], params: SamplingParams, done: list[bool]):
         rng = np.random.default_rng(params.seed)
