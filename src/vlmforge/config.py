@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vlmforge.core.errors import RecipeError
-from vlmforge.core.sizes import normalise
+from vlmforge.host.sizes import normalise
 from vlmforge.transforms import TRANSFORMS
 
 MISSING = "???"  # a key the recipe must set (OmegaConf's mark for a mandatory value)

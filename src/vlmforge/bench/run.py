@@ -21,7 +21,7 @@ from vlmforge.bench.variants import (KV_MODES, bench_eager, bench_genai, bench_g
                                      bench_vision, eager_stepper, genai_builder, genai_stepper, load_eager,
                                      runtime_stepper)
 from vlmforge.recipe import compose, recipes_dir  # the one place the benchmark reads recipes
-from vlmforge.core.sizes import size_label
+from vlmforge.host.sizes import size_label
 
 log = logging.getLogger("vlmforge.bench")
 

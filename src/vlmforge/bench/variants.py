@@ -19,7 +19,7 @@ import numpy as np
 
 from vlmforge.bench.measure import genai_threads, timed
 from vlmforge.bench.row import BUILDER, EAGER, GENAI, RUNTIME, Row
-from vlmforge.core.sizes import size_hw
+from vlmforge.host.sizes import size_hw
 
 log = logging.getLogger("vlmforge.bench")
 

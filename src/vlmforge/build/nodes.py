@@ -20,7 +20,7 @@ from vlmforge.build.publish_dir import VALIDATION_FILE, park_failed
 from vlmforge.config import to_dict
 from vlmforge.core.errors import ValidationFailed
 from vlmforge.core.hashing import sha256_file
-from vlmforge.core.sizes import FixedSize, size_hw, size_json
+from vlmforge.host.sizes import FixedSize, size_hw, size_json
 from vlmforge.loading import stage_model
 from vlmforge.registry import STAGES
 from vlmforge.source import TOKENIZER_FILES, checkpoint_file

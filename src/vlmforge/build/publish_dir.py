@@ -21,7 +21,7 @@ from vlmforge.build.cache import owner_tag, remove_stale
 from vlmforge.config import BuildConfig
 from vlmforge.core.errors import RecipeError
 from vlmforge.core.paths import check_name, make_dir
-from vlmforge.core.sizes import size_label
+from vlmforge.host.sizes import size_label
 from vlmforge.validators.results import CheckResult
 
 # Working folders beside the artifact sets: `.<name>.<kind>-<host>-<pid>`.

@@ -10,7 +10,7 @@ from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
 from vlmforge.source import load_model, open_source
-from vlmforge.core.sizes import size_from_json
+from vlmforge.host.sizes import size_from_json
 from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.image import image_params
 from vlmforge.validators.results import CheckResult

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmforge.core.errors import RecipeError
-from vlmforge.core.sizes import size_hw
+from vlmforge.host.sizes import size_hw
 
 
 def get(cfg: Any, key: str, *default: Any) -> Any:

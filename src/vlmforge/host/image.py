@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmforge.core.sizes import FIT_STRETCH, FixedSize, is_square, size_hw, size_json
 from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.preprocess import image_to_patches
+from vlmforge.host.sizes import FIT_STRETCH, FixedSize, is_square, size_hw, size_json
 
 
 @dataclass(frozen=True)
 class ImageParams:
-    size: FixedSize  # a square side, or (height, width) (vlmforge.core.sizes)
+    size: FixedSize  # a square side, or (height, width) (vlmforge.host.sizes)
     patch_size: int
     temporal_patch_size: int
     merge_size: int

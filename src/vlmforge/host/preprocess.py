@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmforge.core.errors import InputError
-from vlmforge.core.sizes import size_hw
+from vlmforge.host.sizes import size_hw
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from vlmforge.release.files import SUMS
-from vlmforge.core.sizes import size_hw
+from vlmforge.host.sizes import size_hw
 
 
 def model_card(manifest: dict, name: str, *, has_genai: bool) -> str:

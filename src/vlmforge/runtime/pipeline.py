@@ -32,10 +32,10 @@ import numpy as np
 from vlmforge.artifact.manifest import MANIFEST
 from vlmforge.artifact.runtime_configs import GENAI_CONFIG, RUNTIME_CONFIG
 from vlmforge.core.errors import InputError
-from vlmforge.core.sizes import FIT_STRETCH, size_from_json, size_hw, size_label
 from vlmforge.host import prompt as P
 from vlmforge.host.dynamic import DynamicImageParams, check_grid
 from vlmforge.host.preprocess import image_to_patches, load_image
+from vlmforge.host.sizes import FIT_STRETCH, size_from_json, size_hw, size_label
 from vlmforge.runtime.artifacts import (check_engine, check_providers, layout_from_manifest, listed_json, load_tokenizer,
                                         required_eos_ids, resolve_inside, verify_artifacts)
 from vlmforge.runtime.engine import Engine

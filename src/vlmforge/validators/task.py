@@ -62,7 +62,7 @@ def task_examples(n: int, size) -> list:
 
     from PIL import Image
 
-    from vlmforge.core.sizes import size_hw
+    from vlmforge.host.sizes import size_hw
     from vlmforge.fixtures.task import heldout_examples
 
     h, w = size_hw(size)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlmforge.core.contracts import StageContract, TensorSpec
-from vlmforge.core.sizes import size_json
+from vlmforge.host.sizes import size_json
 from vlmforge.exporters.onnx_export import export_module
 from vlmforge.families.qwen2_5_vl import dims
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlmforge.core.contracts import StageContract, TensorSpec
-from vlmforge.core.sizes import size_json
+from vlmforge.host.sizes import size_json
 from vlmforge.core.errors import CheckpointError, ExportError, RecipeError
 from vlmforge.families.qwen3_vl import dims
 
