@@ -78,6 +78,9 @@ SESSION_SETS = {
     "qwen3_dynamic": ("model=tiny_qwen3_vl", "vision=dynamic", "validate.chain_tokens=16"),
     # The only dynamic Qwen3-VL variant onnxruntime-genai and transformers.js run (neither has a DeepStack path).
     "qwen3_dynamic_drop": ("model=tiny_qwen3_vl", "vision=dynamic", "model.deepstack=drop", "validate.chain_tokens=16"),
+    # A non-square fixed size (vision.size=HxW): only its vision graph is new (embedding and decoder: the cache
+    # entries of qwen25_392); 196 px is no multiple of the 112-px window, so edge windows are short.
+    "qwen25_196x336": ("model=tiny_qwen2_5_vl", "vision.size=196x336", "validate.chain_tokens=16"),
 }
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vlmforge.core.errors import RecipeError
+from vlmforge.host.sizes import normalise
 from vlmforge.transforms import TRANSFORMS
 
 MISSING = "???"  # a key the recipe must set (OmegaConf's mark for a mandatory value)
@@ -55,7 +56,7 @@ class PrecisionConfig:
 
 @dataclass
 class VisionConfig:
-    size: str = "small"  # small | large | an explicit side in pixels | dynamic (any size within a pixel budget)
+    size: str = "small"  # small | large | a side in pixels | HEIGHTxWIDTH (672x1008) | dynamic (any size within a pixel budget)
     # vision=dynamic only: the smart_resize pixel budget; None = the checkpoint's preprocessor_config.json
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
@@ -253,9 +254,10 @@ def check_tolerances(tolerances, recipe: str) -> None:
                                       fix=f"set {key}.{metric} to a finite number, e.g. 5.0e-5")
 
 
-def resolve_image_size(size: str, family, where: str) -> int | None:
-    """small/large pick the family's standard sizes; digits are checked against the family's patch grid;
-    dynamic is None (any size: the family's dynamic-resolution vision stage)."""
+def resolve_image_size(size: str, family, where: str):
+    """small/large pick the family's standard sizes; digits (a square side) and HEIGHTxWIDTH (e.g. 672x1008)
+    are checked against the family's patch grid, each side on its own; dynamic is None (any size: the family's
+    dynamic-resolution vision stage). A square is an int (HxW with equal sides too), HxW a (height, width)."""
     s = str(size).strip().lower()
     if s == DYNAMIC:
         if family.dynamic_vision is None:
@@ -266,11 +268,22 @@ def resolve_image_size(size: str, family, where: str) -> int | None:
         return family.default_sizes[0]
     if s == "large":
         return family.default_sizes[-1]
+    example = family.default_sizes[-1]
+    if "x" in s:
+        parts = s.split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise RecipeError(f"vision.size={size!r} is not HEIGHTxWIDTH in pixels", where=where,
+                              fix=f"write two whole numbers joined by x (height first), e.g. vision.size={example}x"
+                                  f"{example * 3 // 2 // family.patch_multiple * family.patch_multiple}")
+        hw = tuple(int(p) for p in parts)
+        family.check_image_size(hw, where)
+        return normalise(hw)
     if not s.isdigit():
         raise RecipeError(
             f"vision.size={size!r} is neither small, large nor a number of pixels",
             where=where,
-            fix=f"use vision=small, vision=large, vision=dynamic or e.g. vision.size={family.default_sizes[0]}",
+            fix=f"use vision=small, vision=large, vision=dynamic, e.g. vision.size={family.default_sizes[0]} "
+                f"or HEIGHTxWIDTH",
         )
     value = int(s)
     family.check_image_size(value, where)

@@ -216,7 +216,7 @@ def _resize_attrs(params) -> dict:
     grid = {"patch_size": int(params.patch_size), "merge_size": int(params.merge_size)}
     if getattr(params, "dynamic", False):
         return {"smart_resize": 1, "min_pixels": int(params.min_pixels), "max_pixels": int(params.max_pixels), **grid}
-    return {"width": int(params.size), "height": int(params.size), "smart_resize": 0, **grid}
+    return {"width": params.hw[1], "height": params.hw[0], "smart_resize": 0, **grid}
 
 
 def _kv_dims(dec) -> dict:

@@ -22,6 +22,7 @@ from vlmforge.bench.variants import (KV_MODES, bench_eager, bench_genai, bench_g
                                      eager_stepper, genai_builder, genai_stepper, load_eager,
                                      runtime_stepper)
 from vlmforge.recipe import compose, recipes_dir  # the one place the benchmark reads recipes
+from vlmforge.host.sizes import size_label
 
 log = logging.getLogger("vlmforge.bench")
 
@@ -263,7 +264,7 @@ def _bench_one(s: _Session, model_name: str) -> dict:
     print_ratios(r)
     if "vision_672" in entry:
         v = entry["vision_672"]
-        print(f"  vision at {v['image_size']} px: onnxruntime {v['onnxruntime_ms']:.0f} ms, PyTorch {v['pytorch_ms']:.0f} ms "
+        print(f"  vision at {size_label(v['image_size'])} px: onnxruntime {v['onnxruntime_ms']:.0f} ms, PyTorch {v['pytorch_ms']:.0f} ms "
               f"(x{v['ratio']:.2f}; features max |diff| {v['max_abs_diff']:.1e})")
     if "vision_dynamic" in entry:
         print_vision_dynamic(entry["vision_dynamic"])

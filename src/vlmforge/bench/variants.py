@@ -19,6 +19,7 @@ import numpy as np
 
 from vlmforge.bench.measure import genai_threads, timed
 from vlmforge.bench.row import BUILDER, EAGER, GENAI, RUNTIME, Row
+from vlmforge.host.sizes import size_hw
 
 log = logging.getLogger("vlmforge.bench")
 
@@ -128,13 +129,14 @@ def load_eager(source: Path):
     return _hf_class(source).from_pretrained(str(source), dtype=torch.float32).eval()
 
 
-def bench_eager(source: Path, image_size: int, image: str, tokens: int, repeats: int) -> Row:
+def bench_eager(source: Path, image_size, image: str, tokens: int, repeats: int) -> Row:
     import torch
     from transformers import AutoTokenizer
 
     from vlmforge.host import prompt as P
     from vlmforge.host.preprocess import load_image
 
+    h, w = size_hw(image_size)  # a side or [height, width] (the manifest's image_size)
     model = load_eager(source)
     tok = AutoTokenizer.from_pretrained(str(source))
     proc = _image_processor(source)
@@ -144,8 +146,8 @@ def bench_eager(source: Path, image_size: int, image: str, tokens: int, repeats:
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
-            px = proc(images=[load_image(image).resize((image_size, image_size))], return_tensors="pt",
-                      size={"shortest_edge": image_size**2, "longest_edge": image_size**2})
+            px = proc(images=[load_image(image).resize((w, h))], return_tensors="pt",
+                      size={"shortest_edge": h * w, "longest_edge": h * w})
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
             ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
             ids = P.expand_image_tokens(ids, P.image_token_counts(px["image_grid_thw"].numpy(), merge), cfg.image_token_id)

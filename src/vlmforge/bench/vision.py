@@ -17,6 +17,7 @@ import numpy as np
 
 from vlmforge.bench.measure import timed
 from vlmforge.bench.variants import _image_processor, load_eager
+from vlmforge.host.sizes import is_square, size_hw
 
 # (width, height): squares, a landscape photo shape, and the 1344x896 the target names
 DYNAMIC_SIZES = ((448, 448), (672, 672), (896, 672), (1344, 896))
@@ -61,7 +62,8 @@ def bench_vision(directory: Path, source: Path, image: str, repeats: int) -> dic
     from vlmforge.runtime.engine import Graph
 
     size = read_manifest(directory)["components"]["vision"]["image_size"]
-    pv, grid = _pixels(_image_processor(source), load_image(image).resize((size, size)), size**2, size**2)
+    h, w = size_hw(size)  # a side or [height, width] (the manifest's image_size)
+    pv, grid = _pixels(_image_processor(source), load_image(image).resize((w, h)), h * w, h * w)
     model = load_eager(source)
     graph = Graph(directory / "vision.onnx")
     feeds = {"pixel_values": pv.numpy(), "image_grid_thw": grid.numpy()}
@@ -87,6 +89,8 @@ def bench_vision_dynamic(dynamic: Path, fixed: Path, source: Path, repeats: int,
 
     budget = read_manifest(dynamic)["components"]["vision"]["preprocess"]
     side = read_manifest(fixed)["components"]["vision"]["image_size"]
+    if not is_square(side):
+        raise ValueError(f"bench_vision_dynamic compares with a square fixed set, got {side}")
     proc = _image_processor(source)
     model = load_eager(source)
     dyn, fix = Graph(dynamic / "vision.onnx"), Graph(fixed / "vision.onnx")

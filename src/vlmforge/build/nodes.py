@@ -20,6 +20,7 @@ from vlmforge.build.publish_dir import VALIDATION_FILE, park_failed
 from vlmforge.config import to_dict
 from vlmforge.core.errors import ValidationFailed
 from vlmforge.core.hashing import sha256_file
+from vlmforge.host.sizes import FixedSize, size_hw, size_json
 from vlmforge.loading import stage_model
 from vlmforge.registry import STAGES
 from vlmforge.source import TOKENIZER_FILES, checkpoint_file
@@ -37,7 +38,7 @@ STAGE_READS = {"vision": ("image_size", "deepstack"), "embedding": ("deepstack",
 
 @dataclass(frozen=True)
 class StageOptions:
-    image_size: int | None  # None: vision=dynamic (the family's dynamic_vision stage)
+    image_size: FixedSize | None  # a side or (height, width); None: vision=dynamic (the family's dynamic_vision stage)
     deepstack: bool
     min_pixels: int | None = None  # vision=dynamic: the smart_resize pixel budget (resolved, never None there)
     max_pixels: int | None = None
@@ -134,7 +135,7 @@ def validation(b, node, folder: Path) -> dict:
                           tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
                           fp32_directory=b.scratch if node.scratch else None)
         # run_suite takes the model (b.take_model) for its PyTorch pass and frees it before the graph pass
-        images = validation_images(cfg.validate, b.options.dynamic)
+        images = validation_images(cfg.validate, b.options.dynamic, b.options.image_size)
         result = run_suite(inp, b.take_model, b.source.path, cfg.validate, images)
     b.timings[node.timing] = time.perf_counter() - t
     b.checks = (result.checks, result.variant)  # as measured; the record holds them rounded (CheckResult.to_json)
@@ -146,20 +147,41 @@ def validation(b, node, folder: Path) -> dict:
 DYNAMIC_SIZES = ((500, 500), (451, 300), (300, 620))
 
 
-def validation_images(vcfg, dynamic: bool = False) -> list:
-    """The user's images as they are, or the built-in ones: squares for a fixed size; for a dynamic build
-    one image per aspect ratio of DYNAMIC_SIZES (at least three, seeds reused in turn)."""
+def validation_images(vcfg, dynamic: bool = False, size=None) -> list:
+    """The user's images, or the built-in ones: squares for a square size; for a non-square size (height,
+    width) images of exactly that size; for a dynamic build one image per aspect ratio of DYNAMIC_SIZES (at
+    least three, seeds reused in turn). A fixed set's HF reference is HF's processor with min = max = H*W
+    pixels, which keeps an image of exactly H x W (and resizes a square into a square set alike); any other
+    user image is first fitted to the set as the runtime fits it (`fit_image`), so both sides see one grid."""
     from vlmforge.host.preprocess import load_image
 
     if vcfg.images:
-        return [load_image(p) for p in vcfg.images]
+        images = [load_image(p) for p in vcfg.images]
+        return images if dynamic or size is None else [fit_image(img, size, i) for i, img in enumerate(images)]
     from vlmforge.fixtures.images import sample_image
 
     if not dynamic:
-        return [sample_image(seed, size=(500, 500)) for seed in vcfg.image_seeds]
+        h, w = size_hw(size) if size is not None else (500, 500)
+        shape = (500, 500) if h == w else (w, h)  # sample_image takes (width, height)
+        return [sample_image(seed, size=shape) for seed in vcfg.image_seeds]
     n = max(len(vcfg.image_seeds), len(DYNAMIC_SIZES))
     return [sample_image(vcfg.image_seeds[i % len(vcfg.image_seeds)], size=DYNAMIC_SIZES[i % len(DYNAMIC_SIZES)])
             for i in range(n)]
+
+
+def fit_image(image, size, index: int = 0):
+    """A user's validation image as a fixed set of `size` takes it: kept if it is already H x W (or a square
+    for a square set), else converted to RGB and stretched to H x W (BICUBIC), as the runtime does."""
+    from PIL import Image
+
+    from vlmforge.host.preprocess import to_rgb
+
+    h, w = size_hw(size)
+    if image.size == (w, h) or (h == w and image.size[0] == image.size[1]):
+        return image
+    log.info("validation image %d (%dx%d) stretched to the set's %dx%d (width x height), as the runtime fits it",
+             index, image.size[0], image.size[1], w, h)
+    return to_rgb(image).resize((w, h), resample=Image.Resampling.BICUBIC)
 
 
 def checks_of(b) -> tuple[list[CheckResult], dict]:
@@ -202,9 +224,8 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         if stage == "vision" and getattr(params, "size", None) is None:  # vision=dynamic
             comp.update(vision="dynamic", preprocess=params.to_json())
         elif stage == "vision":
-            comp.update(image_size=params.size, tokens_per_image=params.tokens_per_image,
-                        grid_thw=[1, params.size // params.patch_size, params.size // params.patch_size],
-                        preprocess=params.to_json())
+            comp.update(image_size=size_json(params.size), tokens_per_image=params.tokens_per_image,
+                        grid_thw=params.grid_thw, preprocess=params.to_json())
         comps[stage] = comp
     mc = load_config_ids(source.config)
     return {

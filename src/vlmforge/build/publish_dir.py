@@ -21,6 +21,7 @@ from vlmforge.build.cache import owner_tag, remove_stale
 from vlmforge.config import BuildConfig
 from vlmforge.core.errors import RecipeError
 from vlmforge.core.paths import check_name, make_dir
+from vlmforge.host.sizes import size_label
 from vlmforge.validators.results import CheckResult
 
 # Working folders beside the artifact sets: `.<name>.<kind>-<host>-<pid>`.
@@ -30,13 +31,13 @@ FAILED_MARKER = ".vlmforge-failed"  # written into `<name>.failed/`: the build o
 LOGS = "logs"  # beside the artifact sets of a model: per-build timings
 
 
-def artifact_dir(cfg: BuildConfig, image_size: int | None, recipe: str = "recipe") -> Path:
+def artifact_dir(cfg: BuildConfig, image_size, recipe: str = "recipe") -> Path:
     """`<out_dir>/<model.name>/<name>`. Both names are single plain folder names, so a set can only land
     inside out_dir, and never on the logs folder or a working folder."""
     suffix = "-nodeepstack" if cfg.model.deepstack == "drop" else ""
     fix = "use letters, digits, '.', '_', '+' or '-' (no '/', no leading '.'), e.g. name=fp32-392-test"
     model = check_name(cfg.model.name, "model.name", f"{recipe}: model.name", RecipeError, fix)
-    size = "dynamic" if image_size is None else image_size  # None: vision=dynamic
+    size = "dynamic" if image_size is None else size_label(image_size)  # None: vision=dynamic; HxW: 672x1008
     name = check_name(cfg.name or f"{cfg.precision.name}-{size}{suffix}", "name", f"{recipe}: name",
                       RecipeError, fix)
     if name == LOGS or name.endswith(".failed"):

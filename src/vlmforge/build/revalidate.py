@@ -9,6 +9,7 @@ from vlmforge.config import from_dict
 from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
+from vlmforge.host.sizes import size_from_json
 from vlmforge.loading import whole_model
 from vlmforge.source import open_source
 from vlmforge.host.dynamic import DynamicImageParams
@@ -50,7 +51,7 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     check_model_size(source, hf_config)
     vision = m["components"]["vision"]
     dynamic = vision.get("vision") == "dynamic"
-    size = None if dynamic else vision["image_size"]
+    size = None if dynamic else size_from_json(vision["image_size"])
     deepstack = family.deepstack_layers(hf_config) > 0 and cfg.model.deepstack == "keep"
     opts = StageOptions(size, deepstack)
     contracts = {s: family.stage(s, dynamic=dynamic).contract(hf_config, opts) for s in ("vision", "embedding", "decoder")}
@@ -69,4 +70,4 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
     loader = lambda: whole_model(source, hf_config, cfg.model.load_dtype)  # noqa: E731
-    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic)).checks
+    return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic, size)).checks

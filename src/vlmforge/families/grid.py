@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmforge.core.errors import RecipeError
+from vlmforge.host.sizes import size_hw
 
 
 def get(cfg: Any, key: str, *default: Any) -> Any:
@@ -27,39 +28,55 @@ def nearest_valid_sizes(size: int, multiple: int) -> list[int]:
     return sorted(candidates, key=lambda s: (abs(s - size), s))
 
 
-def check_multiple(size: int, patch: int, merge: int, where: str, family: str, examples: str) -> None:
-    """RecipeError unless `size` is a positive multiple of patch × merge, naming the nearest valid sides."""
+def check_multiple(size: int, patch: int, merge: int, where: str, family: str, examples: str, side: str = "") -> None:
+    """RecipeError unless `size` is a positive multiple of patch × merge, naming the nearest valid sides.
+    `side` ("height"/"width" of an HxW size) names which side of a non-square size is wrong."""
     multiple = patch * merge
+    of = f" for the {side}" if side else ""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise RecipeError(
-            f"{family} image size must be a positive integer (pixels per side), got {size!r}",
+            f"{family} image size must be a positive integer (pixels per side), got {size!r}{of}",
             where=where,
-            fix=f"use a multiple of {multiple}, e.g. {examples}",
+            fix=f"use a multiple of {multiple}{of}, e.g. {examples}",
         )
     if size % multiple:
         options = " or ".join(str(s) for s in nearest_valid_sizes(size, multiple))
+        got = f"{side} {size}" if side else str(size)
         raise RecipeError(
-            f"{family} needs image sizes that are multiples of {multiple} (patch {patch} × merge {merge}); got {size}",
+            f"{family} needs image sizes that are multiples of {multiple} (patch {patch} × merge {merge}); got {got}",
             where=where,
-            fix=f"use {options} (nearest multiples of {multiple})",
+            fix=f"use {options}{of} (nearest multiples of {multiple})",
         )
 
 
-def grid_thw(vision_cfg: Any, image_size: int, family: str = "this model") -> tuple[int, int, int]:
-    """(t, h, w) in patches for one square image: t is 1 (an image is one temporal patch of 2 frames)."""
+def check_fixed_size(size, patch: int, merge: int, where: str, family: str, examples: str) -> None:
+    """`check_multiple` on a square side, or on each side of a (height, width) size."""
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2:
+            raise RecipeError(f"{family} image size {list(size)!r} is not height x width", where=where,
+                              fix=f"use one side or HEIGHTxWIDTH, e.g. {examples}")
+        for name, value in zip(("height", "width"), size):
+            check_multiple(value, patch, merge, where, family, examples, side=name)
+        return
+    check_multiple(size, patch, merge, where, family, examples)
+
+
+def grid_thw(vision_cfg: Any, image_size, family: str = "this model") -> tuple[int, int, int]:
+    """(t, h, w) in patches for one image of a fixed size (a side, or (height, width)): t is 1 (an image is
+    one temporal patch of 2 frames)."""
     patch = get(vision_cfg, "patch_size")
-    check_multiple(image_size, patch, get(vision_cfg, "spatial_merge_size"), "", family, "")
-    side = image_size // patch
-    return (1, side, side)
+    check_fixed_size(image_size, patch, get(vision_cfg, "spatial_merge_size"), "", family, "")
+    h, w = size_hw(image_size)
+    return (1, h // patch, w // patch)
 
 
-def num_patches(vision_cfg: Any, image_size: int) -> int:
+def num_patches(vision_cfg: Any, image_size) -> int:
     """Rows of `pixel_values` for one image."""
     t, h, w = grid_thw(vision_cfg, image_size)
     return t * h * w
 
 
-def tokens_per_image(vision_cfg: Any, image_size: int) -> int:
+def tokens_per_image(vision_cfg: Any, image_size) -> int:
     """Rows of `image_features` = `<|image_pad|>` tokens for one image (patches / merge²)."""
     return num_patches(vision_cfg, image_size) // get(vision_cfg, "spatial_merge_size") ** 2
 

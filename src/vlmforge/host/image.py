@@ -16,11 +16,12 @@ import numpy as np
 
 from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.preprocess import image_to_patches
+from vlmforge.host.sizes import FIT_STRETCH, FixedSize, is_square, size_hw, size_json
 
 
 @dataclass(frozen=True)
 class ImageParams:
-    size: int
+    size: FixedSize  # a square side, or (height, width) (vlmforge.host.sizes)
     patch_size: int
     temporal_patch_size: int
     merge_size: int
@@ -35,8 +36,24 @@ class ImageParams:
         )
 
     @property
+    def hw(self) -> tuple[int, int]:
+        return size_hw(self.size)
+
+    @property
+    def fit(self) -> str:
+        """How an image of another size is fitted to the set's: stretched to height x width (the square sets
+        too, where it is not recorded: their manifests are as before HxW existed)."""
+        return FIT_STRETCH
+
+    @property
     def tokens_per_image(self) -> int:
-        return (self.size // self.patch_size // self.merge_size) ** 2
+        h, w = self.hw
+        return (h // self.patch_size // self.merge_size) * (w // self.patch_size // self.merge_size)
+
+    @property
+    def grid_thw(self) -> list[int]:
+        h, w = self.hw
+        return [1, h // self.patch_size, w // self.patch_size]
 
     def image_tokens(self, image) -> int:
         """`<|image_pad|>` tokens `image` becomes: the same for every image at a fixed size."""
@@ -44,12 +61,18 @@ class ImageParams:
 
     @property
     def hf_size(self) -> dict:
-        """The `size` HF's image processor is given to land on this set's input (square inputs land exactly)."""
-        return {"shortest_edge": self.size * self.size, "longest_edge": self.size * self.size}
+        """The `size` HF's image processor is given to land on this set's input: min = max = height*width
+        pixels, so an image already of the set's height x width (square or not) is kept exactly as it is."""
+        h, w = self.hw
+        return {"shortest_edge": h * w, "longest_edge": h * w}
 
     def to_json(self) -> dict:
-        return {"size": self.size, "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
-                "merge_size": self.merge_size, "mean": list(self.mean), "std": list(self.std)}
+        out = {"size": size_json(self.size), "patch_size": self.patch_size,
+               "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
+               "mean": list(self.mean), "std": list(self.std)}
+        if not is_square(self.size):
+            out["fit"] = self.fit
+        return out
 
 
 def _preprocessor_config(source_path: Path) -> dict:
@@ -66,7 +89,7 @@ def dynamic_image_params(source_path: Path, hf_config, min_pixels: int, max_pixe
                               int(max_pixels), fixed.mean, fixed.std)
 
 
-def image_params(source_path: Path, hf_config, size: int, default_mean, default_std) -> ImageParams:
+def image_params(source_path: Path, hf_config, size: FixedSize, default_mean, default_std) -> ImageParams:
     """Read the checkpoint's preprocessor_config.json; the vision config fills the grid facts it lacks and the
     family's defaults (FamilySpec.image) the mean/std."""
     vc = hf_config.vision_config

@@ -5,7 +5,9 @@ RGB conversion compositing any transparency onto white (`image_transforms.conver
 BICUBIC resize, rescale by 1/255 in float64 then cast to float32, normalize in float32, duplicate each
 frame `temporal_patch_size` times and flatten patches in merge-window order
 (``grid_h/m, grid_w/m, m, m`` rows of ``C, T, P, P`` values). The only deliberate difference: the output
-is always `size` x `size` (a fixed-shape vision graph), where HF's `smart_resize` keeps the aspect ratio.
+is always the set's fixed size (`size` x `size`, or height x width), the image stretched to it (BICUBIC, as
+HF's processor does when given that size and onnxruntime-genai's Resize with smart_resize 0), where HF's
+`smart_resize` keeps the aspect ratio.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmforge.core.errors import InputError
+from vlmforge.host.sizes import size_hw
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +66,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def image_to_patches(
     image: Image.Image,
     *,
-    size: int,
+    size,
     patch_size: int,
     temporal_patch_size: int,
     merge_size: int,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image -> (`pixel_values` float32 ``[grid_h*grid_w, 3*T*P*P]``, `grid_thw` int64 ``[[1, gh, gw]]``)."""
-    _check_size(size, patch_size, merge_size)
+    """One image -> (`pixel_values` float32 ``[grid_h*grid_w, 3*T*P*P]``, `grid_thw` int64 ``[[1, gh, gw]]``).
+    `size`: a square side or (height, width); an image of another size is stretched to it."""
+    height, width = size_hw(size)
+    for side in dict.fromkeys((height, width)):  # each side once, height first
+        _check_size(side, patch_size, merge_size)
     rgb = to_rgb(image)
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), resample=Image.Resampling.BICUBIC)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(rgb, dtype=np.uint8)  # [H, W, 3]
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from vlmforge.release.files import SUMS
+from vlmforge.host.sizes import size_hw
 
 
 def model_card(manifest: dict, name: str, *, has_genai: bool) -> str:
@@ -55,7 +56,10 @@ def _vision_rows(vision: dict) -> list[list]:
         return [["vision input", f"any size, aspect ratio kept: {pp['min_pixels']} to {pp['max_pixels']} pixels "
                                  f"(sides multiples of {factor})"],
                 ["tokens per image", f"{pp['min_pixels'] // factor ** 2} to {pp['max_pixels'] // factor ** 2}"]]
-    return [["vision input", f"{vision['image_size']} x {vision['image_size']} px"],
+    h, w = size_hw(vision["image_size"])
+    fit = vision.get("preprocess", {}).get("fit")
+    fitted = {"stretch": "stretched"}.get(fit, fit)
+    return [["vision input", f"{h} x {w} px" + (f" (height x width; images of other sizes are {fitted} to it)" if fit else "")],
             ["tokens per image", vision["tokens_per_image"]]]
 
 

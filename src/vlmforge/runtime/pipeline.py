@@ -20,6 +20,7 @@ The pieces live beside it: `params` (SamplingParams), `textstream` (incremental 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from vlmforge.core.errors import InputError
 from vlmforge.host import prompt as P
 from vlmforge.host.dynamic import DynamicImageParams, check_grid
 from vlmforge.host.preprocess import image_to_patches, load_image
+from vlmforge.host.sizes import FIT_STRETCH, size_from_json, size_hw, size_label
 from vlmforge.runtime.artifacts import (check_engine, check_providers, layout_from_manifest, listed_json, load_tokenizer,
                                         required_eos_ids, resolve_inside, verify_artifacts)
 from vlmforge.runtime.engine import Engine
@@ -46,6 +48,8 @@ from vlmforge.runtime.textstream import TextStream
 
 # The runtime's public names, importable from here as before the module was split (params, textstream and
 # artifacts hold the pieces).
+log = logging.getLogger(__name__)
+
 __all__ = ["Chat", "GenerationStats", "Pipeline", "Prepared", "SamplingParams", "TextStream", "layout_from_manifest",
            "verify_artifacts"]
 
@@ -74,7 +78,9 @@ class Pipeline:
         # a dynamic set: HF's own processing (smart_resize within the set's pixel budget), tokens per image
         # from each image's grid; a fixed set: one size, one token count
         self.dynamic = DynamicImageParams.from_json(pp) if vis.get("vision") == "dynamic" else None
-        self.image_size = int(vis["image_size"]) if self.dynamic is None else None
+        self.image_size = size_from_json(vis["image_size"]) if self.dynamic is None else None  # a side or (h, w)
+        # how a fixed set fits an image of another size to its own (non-square manifests record it)
+        self.fit = pp.get("fit", FIT_STRETCH) if self.dynamic is None else None
         self.tokens_per_image = int(vis["tokens_per_image"]) if self.dynamic is None else None
         self._pp = {
             "size": self.image_size,
@@ -220,8 +226,26 @@ class Pipeline:
     def image_patches(self, image) -> tuple[np.ndarray, np.ndarray]:
         """(pixel_values, image_grid_thw [1, 3]) of one loaded image, as the set's vision graph takes them."""
         if self.dynamic is None:
+            note = self.fit_note(image)
+            if note:
+                log.info("%s", note)
             return image_to_patches(image, **self._pp)
         return self.dynamic.patches(image)
+
+    def fit_note(self, image) -> str | None:
+        """How a fixed set fits `image` (a loaded PIL image) to its size, when the sizes differ; None when the
+        image is already the set's size (or the set is dynamic: HF's own smart_resize, nothing to say)."""
+        if self.dynamic is not None:
+            return None
+        h, w = size_hw(self.image_size)
+        if image.size == (w, h):
+            return None
+        iw, ih = image.size
+        kept = abs(iw / ih - w / h) < 0.01
+        return (f"image {iw}x{ih} (width x height) {'resized' if kept else 'stretched'} to {w}x{h}: this set's vision "
+                f"input is fixed at {size_label(self.image_size)} px{'' if h == w else ' (height x width)'}, fit={self.fit}; "
+                f"aspect ratio "
+                f"{iw / ih:.2f} -> {w / h:.2f}" + ("" if kept else " (a vision=dynamic set keeps the aspect ratio)"))
 
     def _selector(self, prepared: Sequence[Prepared], params: SamplingParams, done: list[bool]):
         rng = np.random.default_rng(params.seed)

@@ -48,16 +48,34 @@ def torch_answerer(ref: Reference):
 
 def reference_task(ref: Reference, n: int) -> list[str]:
     """PyTorch FP32's answer to each of the n held-out questions (normalised)."""
-    from vlmforge.fixtures.task import heldout_examples, normalise_answer
+    from vlmforge.fixtures.task import normalise_answer
 
     theirs = torch_answerer(ref)
-    return [normalise_answer(theirs(ex.image, ex.question)) for ex in heldout_examples(n, ref.params.size)]
+    return [normalise_answer(theirs(ex.image, ex.question)) for ex in task_examples(n, ref.params.size)]
+
+
+def task_examples(n: int, size) -> list:
+    """The n held-out examples at the set's size: drawn square at that side, or for a height x width set drawn
+    square at the longer side and stretched to height x width (how the set fits any other image), so the
+    PyTorch and ONNX sides answer about the very same pixels."""
+    import dataclasses
+
+    from PIL import Image
+
+    from vlmforge.host.sizes import size_hw
+    from vlmforge.fixtures.task import heldout_examples
+
+    h, w = size_hw(size)
+    if h == w:
+        return heldout_examples(n, h)
+    return [dataclasses.replace(ex, image=ex.image.resize((w, h), Image.Resampling.BICUBIC))
+            for ex in heldout_examples(n, max(h, w))]
 
 
 def check_task(engine: Engine, ref: Reference, n: int, want: list[str], tol: dict) -> list[CheckResult]:
-    from vlmforge.fixtures.task import heldout_examples, normalise_answer
+    from vlmforge.fixtures.task import normalise_answer
 
-    examples = heldout_examples(n, ref.params.size)
+    examples = task_examples(n, ref.params.size)
     ours = onnx_answerer(engine, ref)
     right_o = right_t = same = 0
     for ex, b in zip(examples, want, strict=True):

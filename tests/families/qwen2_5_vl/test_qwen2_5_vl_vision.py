@@ -94,6 +94,14 @@ def test_vision_contract_is_concrete():
     assert c.meta == {"image_size": 392, "grid_thw": [1, 28, 28], "tokens_per_image": 196}
 
 
+def test_vision_contract_of_a_non_square_size_is_height_x_width():
+    c = V.vision_contract(tiny_config(), (196, 336))
+    assert c.input("pixel_values").shape == (14 * 24, 1176) and c.output("image_features").shape == (7 * 12, 64)
+    assert c.meta == {"image_size": [196, 336], "grid_thw": [1, 14, 24], "tokens_per_image": 84}
+    with pytest.raises(RecipeError, match="got width 330"):
+        V.vision_contract(tiny_config(), (196, 330))
+
+
 def test_build_vision_module_rejects_384(hf_model):
     with pytest.raises(RecipeError, match="multiples of 28"):
         V.build_vision_module(hf_model, 384)
@@ -108,9 +116,12 @@ def test_vision_layout_batches_uneven_edge_windows_at_392(hf_model):
     assert sorted(set((~module.win_mask.bool()).sum(-1).flatten().tolist())) == [16, 32, 64]
     module = V.build_vision_module(hf_model, 672)  # merged grid 24×24: 36 full windows, no mask needed
     assert (module.num_windows, module.window_len, module.uniform_windows) == (36, 64, True)
+    module = V.build_vision_module(hf_model, (196, 336))  # merged 7×12: 2×3 windows, the bottom row 3 units high
+    assert (module.num_windows, module.window_len, module.uniform_windows) == (6, 64, False)
+    assert sorted(set((~module.win_mask.bool()).sum(-1).flatten().tolist())) == [48, 64]
 
 
-@pytest.mark.parametrize("size", [392, 672])
+@pytest.mark.parametrize("size", [392, 672, (196, 336), (336, 196)])  # HxW: short edge windows, both ways
 def test_vision_module_matches_hf(hf_model, size):
     module = V.build_vision_module(hf_model, size)
     outputs = []

@@ -128,7 +128,7 @@ def _inputs(model, size, seed):
     return V.example_inputs(model.config, size, seed=seed)
 
 
-@pytest.mark.parametrize("size", [384, 672])
+@pytest.mark.parametrize("size", [384, 672, (192, 320), (320, 192)])  # HxW: the position embedding interpolated h != w
 def test_vision_module_matches_hf(model, size):
     module = V.build_vision_module(model, size)
     previous = None

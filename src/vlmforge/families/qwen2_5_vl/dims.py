@@ -20,7 +20,7 @@ from vlmforge.families.grid import (  # noqa: F401  (the grid math is shared; re
     patch_dim,
     tokens_per_image,
 )
-from vlmforge.families.grid import check_multiple
+from vlmforge.families.grid import check_fixed_size
 
 
 PATCH_SIZE = 14
@@ -28,9 +28,10 @@ SPATIAL_MERGE_SIZE = 2
 PATCH_MULTIPLE = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 28
 
 
-def check_image_size(size: int, where: str = "") -> None:
-    """Raise RecipeError unless `size` is a positive multiple of 28 (patch 14 × merge 2)."""
-    check_multiple(size, PATCH_SIZE, SPATIAL_MERGE_SIZE, where, "Qwen2.5-VL", "392 or 672")
+def check_image_size(size, where: str = "") -> None:
+    """Raise RecipeError unless `size` (a side, or (height, width)) has sides that are positive multiples of
+    28 (patch 14 × merge 2)."""
+    check_fixed_size(size, PATCH_SIZE, SPATIAL_MERGE_SIZE, where, "Qwen2.5-VL", "392 or 672")
 
 
 def deepstack_layer_count(hf_config: Any) -> int:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlmforge.core.contracts import StageContract, TensorSpec
+from vlmforge.host.sizes import size_json
 from vlmforge.exporters.onnx_export import export_module
 from vlmforge.families.qwen2_5_vl import dims
 
@@ -160,13 +161,13 @@ def _vision_cfg(hf_config):
     return getattr(hf_config, "vision_config", hf_config)
 
 
-def build_vision_module(hf_model, image_size: int) -> VisionForExport:
+def build_vision_module(hf_model, image_size) -> VisionForExport:
     dims.check_image_size(image_size, where="vision.image_size")
     visual = _visual(hf_model)
     return VisionForExport(visual, dims.grid_thw(visual.config, image_size)).eval()
 
 
-def vision_contract(hf_config, image_size: int) -> StageContract:
+def vision_contract(hf_config, image_size) -> StageContract:
     dims.check_image_size(image_size, where="vision.image_size")
     vcfg = _vision_cfg(hf_config)
     grid = dims.grid_thw(vcfg, image_size)
@@ -178,11 +179,11 @@ def vision_contract(hf_config, image_size: int) -> StageContract:
             TensorSpec("image_grid_thw", "int64", (1, 3)),
         ),
         outputs=(TensorSpec("image_features", "float32", (tokens, dims.out_hidden_size(vcfg))),),
-        meta={"image_size": image_size, "grid_thw": list(grid), "tokens_per_image": tokens},
+        meta={"image_size": size_json(image_size), "grid_thw": list(grid), "tokens_per_image": tokens},
     )
 
 
-def example_inputs(hf_config, image_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(hf_config, image_size, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values, image_grid_thw) of the contract's shapes; values ~N(0, 1) like normalised pixels."""
     contract = vision_contract(hf_config, image_size)
     gen = torch.Generator().manual_seed(seed)
@@ -191,7 +192,7 @@ def example_inputs(hf_config, image_size: int, seed: int = 0) -> tuple[torch.Ten
     return pixel_values, grid
 
 
-def export_vision(hf_model, image_size: int, out_path: Path) -> StageContract:
+def export_vision(hf_model, image_size, out_path: Path) -> StageContract:
     module = build_vision_module(hf_model, image_size)
     contract = vision_contract(hf_model.config, image_size)
     export_module(

@@ -20,7 +20,7 @@ from vlmforge.families.grid import (  # noqa: F401  (the grid math is shared; re
     patch_dim,
     tokens_per_image,
 )
-from vlmforge.families.grid import check_multiple
+from vlmforge.families.grid import check_fixed_size
 from vlmforge.core.errors import CheckpointError
 
 PATCH_SIZE = 16
@@ -28,9 +28,10 @@ SPATIAL_MERGE_SIZE = 2
 PATCH_MULTIPLE = PATCH_SIZE * SPATIAL_MERGE_SIZE  # 32
 
 
-def check_image_size(size: int, where: str = "") -> None:
-    """Raise RecipeError unless `size` is a positive multiple of 32 (patch 16 × merge 2)."""
-    check_multiple(size, PATCH_SIZE, SPATIAL_MERGE_SIZE, where, "Qwen3-VL", "384 or 672")
+def check_image_size(size, where: str = "") -> None:
+    """Raise RecipeError unless `size` (a side, or (height, width)) has sides that are positive multiples of
+    32 (patch 16 × merge 2)."""
+    check_fixed_size(size, PATCH_SIZE, SPATIAL_MERGE_SIZE, where, "Qwen3-VL", "384 or 672")
 
 
 def deepstack_layers(vision_cfg: Any) -> list[int]:

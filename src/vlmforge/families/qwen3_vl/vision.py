@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlmforge.core.contracts import StageContract, TensorSpec
+from vlmforge.host.sizes import size_json
 from vlmforge.core.errors import CheckpointError, ExportError, RecipeError
 from vlmforge.families.qwen3_vl import dims
 
@@ -174,7 +175,7 @@ def _vision_cfg(hf_config):
     return getattr(hf_config, "vision_config", hf_config)
 
 
-def _check(vcfg, image_size: int, deepstack: bool) -> None:
+def _check(vcfg, image_size, deepstack: bool) -> None:
     dims.check_image_size(image_size, where="vision.image_size")
     dims.check_deepstack_indexes(vcfg, where="config.json vision_config.deepstack_visual_indexes")
     if deepstack and not dims.deepstack_layers(vcfg):
@@ -185,13 +186,13 @@ def _check(vcfg, image_size: int, deepstack: bool) -> None:
         )
 
 
-def build_vision_module(hf_model, image_size: int, deepstack: bool = True) -> VisionForExport:
+def build_vision_module(hf_model, image_size, deepstack: bool = True) -> VisionForExport:
     visual = _visual(hf_model)
     _check(visual.config, image_size, deepstack)
     return VisionForExport(visual, dims.grid_thw(visual.config, image_size), deepstack=deepstack).eval()
 
 
-def vision_contract(hf_config, image_size: int, deepstack: bool = True) -> StageContract:
+def vision_contract(hf_config, image_size, deepstack: bool = True) -> StageContract:
     vcfg = _vision_cfg(hf_config)
     _check(vcfg, image_size, deepstack)
     grid = dims.grid_thw(vcfg, image_size)
@@ -207,11 +208,11 @@ def vision_contract(hf_config, image_size: int, deepstack: bool = True) -> Stage
             TensorSpec("image_grid_thw", "int64", (1, 3)),
         ),
         outputs=tuple(outputs),
-        meta={"image_size": image_size, "grid_thw": list(grid), "tokens_per_image": tokens, "deepstack_layers": layers},
+        meta={"image_size": size_json(image_size), "grid_thw": list(grid), "tokens_per_image": tokens, "deepstack_layers": layers},
     )
 
 
-def example_inputs(hf_config, image_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(hf_config, image_size, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values, image_grid_thw) of the contract's shapes; values ~N(0, 1) like normalised pixels."""
     contract = vision_contract(hf_config, image_size, deepstack=False)
     gen = torch.Generator().manual_seed(seed)
@@ -220,7 +221,7 @@ def example_inputs(hf_config, image_size: int, seed: int = 0) -> tuple[torch.Ten
     return pixel_values, grid
 
 
-def export_vision(hf_model, image_size: int, out_path: Path, deepstack: bool = True) -> StageContract:
+def export_vision(hf_model, image_size, out_path: Path, deepstack: bool = True) -> StageContract:
     from vlmforge.exporters.onnx_export import export_module
 
     module = build_vision_module(hf_model, image_size, deepstack=deepstack)
