@@ -217,10 +217,11 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     versus += _versus(engine, base, inp, vcfg, "decoder")
     same += _same_weight_checks(engine, inp, refs, vcfg, "decoder")
     log.info("graph pass: the chain against HF generate (%d tokens; %s)", vcfg.chain_tokens, rss_note())
-    engine.exclusive_vision = True
+    engine.exclusive_vision = True  # the chain only: reopening per prompt is cheap beside its generate
     results += chain.check_chain(engine, ref, _chain_cases(vcfg, images, inp.params.dynamic), refs.chain,
                                  vcfg.chain_tokens,
                                  tolerance(vcfg.tolerances, "chain", worst))
+    engine.exclusive_vision = False  # the task questions (hundreds of one-image prompts) keep their sessions
     if vcfg.task_questions:
         from vlmforge.validators.task import check_task
 
