@@ -35,13 +35,21 @@ def give_back() -> None:
         _trim(0)
 
 
-def rss_note() -> str:
-    """"RSS 3.41 GiB, peak 5.67 GiB": this process's resident memory now and its high-water mark (Linux
-    /proc/self/status), for the build log's phase lines; "" where there is no /proc."""
+def status_kib(*keys: str) -> tuple[int, ...] | None:
+    """Fields of Linux /proc/self/status in KiB (e.g. "VmRSS", "VmHWM"); None where there is no /proc."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
-        now, peak = (int(fields[k].split()[0]) / (1 << 20) for k in ("VmRSS", "VmHWM"))
+        return tuple(int(fields[k].split()[0]) for k in keys)
     except (OSError, KeyError, ValueError):
+        return None
+
+
+def rss_note() -> str:
+    """"RSS 3.41 GiB, peak 5.67 GiB": this process's resident memory now and its high-water mark, for the
+    build log's phase lines; "" where there is no /proc."""
+    kib = status_kib("VmRSS", "VmHWM")
+    if kib is None:
         return ""
+    now, peak = (k / (1 << 20) for k in kib)
     return f"RSS {now:.2f} GiB, peak {peak:.2f} GiB"

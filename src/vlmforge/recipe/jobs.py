@@ -98,12 +98,11 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    from vlmforge.core.memory import status_kib
+
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return round(hwm[0] / 1024, 1)
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
