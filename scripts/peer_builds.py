@@ -64,14 +64,18 @@ def main() -> int:
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
     work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    if work.is_symlink() or (work.exists() and (not work.is_dir() or any(work.iterdir()))):
+        print(f"error: --work {work} exists and is not an empty folder; fix: pass a new folder", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
     try:
         table = rows(args, work)
     finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:  # only what this run made: its own subfolders, then the folder if left empty
+            for sub in ("vlmforge", "mobius", "genai-builder"):
+                shutil.rmtree(work / sub, ignore_errors=True)
+            if not any(work.iterdir()):
+                work.rmdir()
     print(f"\n{args.checkpoint} ({args.precision}, validate {args.validate})\n")
     print("| tool | exit | wall s | peak RSS GiB | output GiB |\n|---|---|---|---|---|")
     for r in table:
