@@ -214,3 +214,36 @@ def test_the_validation_reference_model_is_from_pretrained_bit_for_bit(family, c
     ids = torch.randint(0, cfg.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(got(input_ids=ids).logits, want(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family,stage,external", [("qwen2_5_vl", "decoder", True), ("qwen3_vl", "decoder", False),
+                                                   ("qwen3_vl", "embedding", True)])
+def test_a_streamed_export_writes_the_bytes_of_the_in_memory_export(family, stage, external, cache, tmp_path,
+                                                                    monkeypatch):
+    """A stage traced over stand-ins (uninitialised buffers, never resident) with each weight written from the
+    checkpoint at save time gives the files of the export from materialised weights, with the weights inline
+    and in external data. Every weight matrix is a stand-in here (the limit is lowered to reach the tiny
+    fixtures' 64-wide matrices): the folded Transposes and Qwen3-VL's DeepStack decoder included."""
+    import vlmforge.loading as loading
+
+    src, cfg = _source(f"fixture:{family}", family, cache)
+    monkeypatch.setattr(loading, "STAND_IN_MIN_ELEMENTS", 1025)
+    if external:
+        monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = {}
+    for streamed in (False, True):
+        path = tmp_path / str(streamed) / f"{stage}.onnx"
+        with loading.stage_model(src, cfg, stage, streamed=streamed) as model:
+            stand_ins = loading.active_stand_ins()
+            assert (stand_ins is not None and len(stand_ins.entries) >= (10 if stage == "decoder" else 1)) == streamed
+            src.family.stage(stage).export(model, _options(src.family), path)
+        out[streamed] = _files(path)
+    assert list(out[True]) == [f"{stage}.onnx", f"{stage}.onnx.data"][:2 if external else 1]
+    assert list(out[True]) == list(out[False]) and out[True] == out[False]
+    assert loading.active_stand_ins() is None
+
+
+def _options(fam):
+    from vlmforge.build.nodes import StageOptions
+
+    return StageOptions(image_size=None, deepstack=fam.key == "qwen3_vl")

@@ -32,22 +32,73 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def stage_model(source, hf_config, stage: str, dtype: str = "float32", loaded=None) -> Iterator:
+def stage_model(source, hf_config, stage: str, dtype: str = "float32", loaded=None, streamed: bool = False) -> Iterator:
     """The HF model with the parameters `stage` needs materialised (as `dtype`), the rest on meta; its
-    weights are released on exit. `loaded`: a whole model already in memory, used as it is."""
+    weights are released on exit. `loaded`: a whole model already in memory, used as it is.
+
+    `streamed`: the large parameters are stand-ins instead (see StandIns): the exporter traces them and
+    `exporters.onnx_export` writes their real values into the graph's data file one tensor at a time, read
+    from the checkpoint, so the stage's weights are never all in memory."""
     if loaded is not None:
         yield loaded
         return
     model = meta_model(source, hf_config, dtype)
     prefixes = (source.family.stage_weights or {}).get(stage)  # None: the family did not say, so everything
-    names = materialise(model, source, prefixes, dtype)
-    log.info("%s: %d tensors materialised from the checkpoint", stage, len(names))
+    stand_ins = StandIns() if streamed else None
+    names = materialise(model, source, prefixes, dtype, stand_ins=stand_ins)
+    log.info("%s: %d tensors %s from the checkpoint", stage, len(names),
+             f"planned ({len(stand_ins.entries)} streamed at export)" if streamed else "materialised")
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, stand_ins
     try:
         yield model
     finally:
+        _ACTIVE = previous
         release(model, names)
         del model
         give_back()
+
+
+# A parameter of at least this many elements is a stand-in in a streamed stage. Above onnxscript's constant-folding
+# input limit (8192 elements), so no folded op but the always-folded Transpose can read a stand-in's (meaningless)
+# values; above the initializer de-duplication limit (1024), so two stand-ins are never merged for equal bytes.
+STAND_IN_MIN_ELEMENTS = 8193
+_ACTIVE = None  # the StandIns of the streamed stage being exported, if any
+
+
+def active_stand_ins():
+    return _ACTIVE
+
+
+class StandIns:
+    """Large parameters of a streamed stage, each an uninitialised buffer of the real layout and dtype (never
+    touched, so never resident: its pages are only reserved), keyed by the buffer's address. The exporter
+    traces them like real weights; an initializer of the exported graph that is a view of one (the parameter,
+    or its Transpose folded into a view of the buffer) is identified by its address, and its real bytes are
+    computed from the checkpoint tensor when the data file is written."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple] = {}  # buffer address -> (file, key, header entry, start, buffer, transposed)
+
+    def add(self, file, key: str, entry: dict, start: int, buf, transposed: bool) -> None:
+        self.entries[buf.data_ptr()] = (file, key, entry, start, buf, transposed)
+
+    def find(self, address: int):
+        """(buffer address, entry) of the stand-in whose buffer holds `address`, or None."""
+        for base, e in self.entries.items():
+            if base <= address < base + e[4].numel() * e[4].element_size():
+                return base, e
+        return None
+
+    def real(self, base: int):
+        """The real buffer behind the stand-in at `base`: the checkpoint tensor cast (and transposed) as
+        `materialise` lays it out. Memory: that one tensor and its checkpoint-dtype read."""
+        file, key, entry, start, buf, transposed = self.entries[base]
+        with open(file, "rb") as fh:
+            tensor = _read(fh, entry, start)
+        real = buf.new_empty(buf.shape)
+        real.copy_(tensor.t() if transposed else tensor)
+        return real
 
 
 def whole_model(source, hf_config, dtype: str = "float32"):
@@ -96,7 +147,7 @@ def _parameters_on_meta():
 
 
 def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "float32",
-                transposed: bool = True) -> list[str]:
+                transposed: bool = True, stand_ins: "StandIns | None" = None) -> list[str]:
     """Read every parameter of `model` under `prefixes` (all of them when None) from the checkpoint's
     safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included).
     `transposed`: Linear weights as transpose views of [in, out] buffers (for the exporter; see above)."""
@@ -127,8 +178,18 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
         with open(file, "rb") as fh:
             header, start = read_safetensors_header(fh)
             for key, names in items:
-                tensor = _read(fh, header[key], start)
                 want = tuple(params[names[0]].shape)
+                if stand_ins is not None and _numel(want) >= STAND_IN_MIN_ELEMENTS:
+                    _check_shape(header[key], key, want, file)
+                    is_t = transposed and len(want) == 2 and _linear_weight(model, names, prefixes)
+                    buf = torch.empty(want[::-1] if is_t else want, dtype=target)  # reserved, never touched
+                    stand_ins.add(file, key, header[key], start, buf, is_t)
+                    param = torch.nn.Parameter(buf.t() if is_t else buf, requires_grad=False)
+                    for n in names:
+                        _set(model, n, param)
+                    done += names
+                    continue
+                tensor = _read(fh, header[key], start)
                 if tuple(tensor.shape) != want:
                     raise CheckpointError(f"tensor {key!r} has shape {list(tensor.shape)}, the model needs "
                                           f"{list(want)}", where=str(file),
@@ -146,6 +207,22 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                     _set(model, n, param)
                 done += names
     return done
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_shape(entry: dict, key: str, want: tuple, file) -> None:
+    if tuple(entry["shape"]) != want:
+        raise CheckpointError(f"tensor {key!r} has shape {list(entry['shape'])}, the model needs {list(want)}",
+                              where=str(file), fix="use the config.json that came with these weights")
+    if entry["dtype"] not in _DTYPES:
+        raise CheckpointError(f"a tensor of dtype {entry['dtype']} (not a weight type vlmforge reads)",
+                              where=str(file), fix="convert the checkpoint to float32/float16/bfloat16")
 
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",

@@ -59,6 +59,12 @@ def stage_spec(b, stage: str):
     return b.family.stage(stage, dynamic=b.options.dynamic)
 
 
+# Stages exported with their large weights streamed from the checkpoint (vlmforge.loading.StandIns): the graph
+# structure is traced over stand-ins and each weight is written from its checkpoint tensor alone. Not vision: a
+# family's vision module may compute from its weights while it is built (resampled position tables).
+STREAMED = ("embedding", "decoder")
+
+
 # -- graphs ----------------------------------------------------------------------------------------------------------
 def export(b, node, folder: Path) -> dict:
     stage = node.stage
@@ -66,7 +72,7 @@ def export(b, node, folder: Path) -> dict:
     t = time.perf_counter()
     # Only the stage's weights, freed after it (vlmforge.loading); a model already loaded whole is used as it is.
     with b.progress.step(f"{stage}: exporting"), stage_model(
-            b.source, b.hf_config, stage, b.cfg.model.load_dtype, b._model) as model:
+            b.source, b.hf_config, stage, b.cfg.model.load_dtype, b._model, streamed=stage in STREAMED) as model:
         stage_spec(b, stage).export(model, stage_options(stage, b.options), folder / f"{stage}.onnx")
     b.timings[node.timing] = time.perf_counter() - t
     return {"contract": b.contracts[stage].to_json()}

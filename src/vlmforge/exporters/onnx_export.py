@@ -37,18 +37,22 @@ def export_module(
     contract=None,
 ) -> Path:
     """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named."""
+    from vlmforge.loading import active_stand_ins
+
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
+    stand_ins = active_stand_ins()
+    streamed = stand_ins is not None and bool(stand_ins.entries)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(
+                program = torch.onnx.export(
                     module,
                     args,
-                    str(tmp_file),
+                    None if streamed else str(tmp_file),
                     input_names=list(input_names),
                     output_names=list(output_names),
                     dynamic_shapes=dynamic_shapes,
@@ -70,6 +74,12 @@ def export_module(
                 where=str(out_path),
                 fix="this is a vlmforge bug for supported checkpoints; re-run with -v and report the log",
             ) from exc
+        if streamed:  # the stand-ins' real values, from the checkpoint, one tensor at a time
+            try:
+                save_streamed(program, tmp_file, stand_ins, stage)
+            except OSError as exc:
+                raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
+        del program
         # The structure only (a few MB at any size): names and dims are fixed on it, and the weights are
         # copied from the exporter's data file into `<stage>.onnx.data` one tensor at a time, in the layout
         # `save_model` gives a loaded model (same bytes), never as one in-memory proto.
@@ -82,6 +92,64 @@ def export_module(
             stamp_contract_dims(model, contract)
         save_like_onnx(normalize_model(model), tmp_file, out_path, EXTERNAL_DATA_THRESHOLD)
     return out_path
+
+
+def save_streamed(program, tmp_file: Path, stand_ins, stage: str) -> None:
+    """Save an exported program whose large weights are stand-ins (vlmforge.loading.StandIns) as torch.onnx saves
+    any program, except that every initializer viewing a stand-in's buffer is a lazy tensor: the bytes that view
+    has of the real tensor, read from the checkpoint, cast and laid out as a materialised stage would be, computed
+    when the writer reaches it and dropped after. Same files as the in-memory export; memory: one tensor."""
+    import functools
+
+    import numpy as np
+    import onnx_ir as ir
+
+    for value in program.model.graph.initializers.values():
+        view = _view_of(value.const_value)
+        if view is None:
+            continue
+        address, shape, strides, itemsize = view
+        found = stand_ins.find(address)
+        if found is None:
+            if int(np.prod(shape)) >= _stand_in_min():
+                raise ExportError(f"the streamed {stage or 'stage'} export has a large initializer {value.name!r} "
+                                  "that is not a checkpoint tensor", where=str(tmp_file),
+                                  fix="this is a vlmforge bug: report it with the log")
+            continue
+        base = found[0]
+        make = functools.partial(_real_view, stand_ins, base, shape, strides, (address - base) // itemsize, value.name)
+        value.const_value = ir.LazyTensor(make, dtype=value.const_value.dtype, shape=ir.Shape(shape))
+    program.save(str(tmp_file), external_data=True)
+
+
+def _real_view(stand_ins, base: int, shape, strides, offset: int, name: str):
+    from torch.onnx._internal.exporter._core import TorchTensor  # what the exporter wraps weights in
+
+    return TorchTensor(stand_ins.real(base).as_strided(shape, strides, offset).contiguous(), name)
+
+
+def _stand_in_min() -> int:
+    from vlmforge.loading import STAND_IN_MIN_ELEMENTS
+
+    return STAND_IN_MIN_ELEMENTS
+
+
+def _view_of(tensor):
+    """(address, shape, strides in elements, element size) of an initializer held as a torch or NumPy array in
+    memory; None for anything else (external, inline constants)."""
+    import numpy as np
+
+    raw = getattr(tensor, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        if raw.device.type != "cpu" or raw.numel() == 0:
+            return None
+        return raw.data_ptr(), tuple(raw.shape), tuple(raw.stride()), raw.element_size()
+    if isinstance(raw, np.ndarray) and raw.size:
+        item = raw.dtype.itemsize
+        if any(st % item for st in raw.strides):
+            return None
+        return (raw.__array_interface__["data"][0], tuple(raw.shape), tuple(st // item for st in raw.strides), item)
+    return None
 
 
 def _forget_trace() -> None:
