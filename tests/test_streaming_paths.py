@@ -247,3 +247,29 @@ def _options(fam):
     from vlmforge.build.nodes import StageOptions
 
     return StageOptions(image_size=None, deepstack=fam.key == "qwen3_vl")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(family, cache):
+    """validate.reference=streamed: decoder layers, ViT blocks (and DeepStack mergers) read around their forward
+    give the logits of the resident model to the last bit, with an image, and hold no block after a forward."""
+    from vlmforge.loading import streamed_model, whole_model
+
+    src, cfg = _source(f"fixture:{family}", family, cache)
+    want, got = whole_model(src, cfg), streamed_model(src, cfg)
+    stream = got._vlmforge_stream
+    layers = [p for p in stream.blocks if ".layers." in p]
+    assert len(layers) == cfg.text_config.num_hidden_layers and any(".blocks." in p for p in stream.blocks)
+    vc = cfg.vision_config
+    grid = torch.tensor([[1, 4, 4]])
+    pixels = torch.randn(16, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         generator=torch.Generator().manual_seed(0))
+    n_image = 16 // vc.spatial_merge_size ** 2
+    ids = torch.tensor([[1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [5, 6, 7]])
+    kwargs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                  mm_token_type_ids=(ids == cfg.image_token_id).long())
+    with torch.no_grad():
+        a, b = want(**kwargs).logits, got(**kwargs).logits
+    assert torch.equal(a, b)
+    assert all(p.is_meta for prefix in stream.blocks for n, p in got.named_parameters() if n.startswith(prefix))
+    assert not any(p.is_meta for n, p in got.named_parameters() if not n.startswith(tuple(stream.blocks)))

@@ -81,6 +81,10 @@ class ValidateConfig:
     image_seeds: list = field(default_factory=lambda: [1, 2])
     images: list = field(default_factory=list)  # optional user image paths used instead of built-in ones
     task_questions: int = 0  # > 0 on trained fixtures: held-out task accuracy, ONNX vs PyTorch FP32
+    # the PyTorch reference: resident (the whole model in memory), streamed (decoder layers and ViT blocks read
+    # from the checkpoint around their forward: same outputs, ~1/4 of the memory), auto (streamed from 4 GiB of
+    # FP32 weights)
+    reference: str = "auto"
     tolerances: dict = field(default_factory=dict)
 
 

@@ -114,6 +114,87 @@ def whole_model(source, hf_config, dtype: str = "float32"):
     return model
 
 
+REFERENCES = ("auto", "resident", "streamed")
+STREAM_REFERENCE_FROM = 4 << 30  # FP32 weight bytes from which validate.reference=auto streams the reference
+
+
+def reference_kind(mode: str, parameters: int) -> str:
+    """`resident` or `streamed` for validate.reference=`mode` (checked by the build) at `parameters`."""
+    if mode == "auto":
+        return "streamed" if parameters * 4 >= STREAM_REFERENCE_FROM else "resident"
+    return mode
+
+
+def reference_model(source, hf_config, dtype: str, kind: str):
+    """The validation's PyTorch reference: whole_model (resident) or streamed_model."""
+    return streamed_model(source, hf_config, dtype) if kind == "streamed" else whole_model(source, hf_config, dtype)
+
+
+def streamed_model(source, hf_config, dtype: str = "float32"):
+    """The whole model for the reference pass with its blocks (each element of its ModuleLists: decoder layers,
+    ViT blocks, DeepStack mergers) read from the checkpoint just before their forward and released after it
+    (LayerStream); everything else resident. Memory: the resident part (embedding table, patch embedding, norms,
+    head) and one block, where whole_model holds all of it. Each block is read as whole_model reads it
+    (contiguous, cast per tensor), so its outputs are whole_model's bit for bit; the cost is reading every
+    block again on every forward (from the page cache after the first)."""
+    model = meta_model(source, hf_config, dtype)
+    stream = LayerStream(model, source, dtype)
+    names = materialise(model, source, None, dtype, transposed=False, exclude=tuple(stream.blocks), index=stream.index)
+    log.info("the reference model: %d tensors resident, %d blocks streamed from the checkpoint", len(names),
+             len(stream.blocks))
+    model._vlmforge_stream = stream
+    return model
+
+
+class LayerStream:
+    """Hooks that materialise a block's parameters before its forward and put them back on meta after it.
+    `overrides`: {parameter name: () -> tensor}, values that replace the checkpoint's when a block is read
+    (the dequantized INT4 weights of the same-weight check)."""
+
+    def __init__(self, model, source, dtype: str) -> None:
+        import torch
+
+        self.model, self.source, self.dtype = model, source, dtype
+        self.index = tensor_index(source)
+        self.overrides: dict = {}
+        self.blocks: dict[str, object] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.ModuleList) or any(name.startswith(b) for b in self.blocks):
+                continue
+            for i, block in enumerate(module):
+                if any(True for _ in block.parameters()):
+                    self.blocks[f"{name}.{i}."] = block
+        self._live: dict[str, list[str]] = {}
+        for prefix, block in self.blocks.items():
+            block.register_forward_pre_hook(lambda mod, args, prefix=prefix: self.load(prefix))
+            block.register_forward_hook(lambda mod, args, out, prefix=prefix: self.unload(prefix))
+
+    def load(self, prefix: str) -> None:
+        import torch
+
+        if prefix in self._live:
+            return
+        names = materialise(self.model, self.source, (prefix,), self.dtype, transposed=False, index=self.index)
+        for n in names:
+            if n in self.overrides:
+                _set(self.model, n, torch.nn.Parameter(self.overrides[n](), requires_grad=False))
+        self._live[prefix] = names
+
+    def unload(self, prefix: str) -> None:
+        names = self._live.pop(prefix, None)
+        if names:
+            release(self.model, names)
+
+    @contextlib.contextmanager
+    def resident(self, prefix: str):
+        """One block's parameters materialised for the scope (read outside a forward)."""
+        self.load(prefix)
+        try:
+            yield self.blocks[prefix]
+        finally:
+            self.unload(prefix)
+
+
 def meta_model(source, hf_config, dtype: str = "float32"):
     """The model of `hf_config` (copied: construction writes into its config), parameters on meta."""
     import torch
@@ -147,15 +228,17 @@ def _parameters_on_meta():
 
 
 def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "float32",
-                transposed: bool = True, stand_ins: "StandIns | None" = None) -> list[str]:
+                transposed: bool = True, stand_ins: "StandIns | None" = None, exclude: tuple[str, ...] = (),
+                index: dict | None = None) -> list[str]:
     """Read every parameter of `model` under `prefixes` (all of them when None) from the checkpoint's
     safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included).
-    `transposed`: Linear weights as transpose views of [in, out] buffers (for the exporter; see above)."""
+    `transposed`: Linear weights as transpose views of [in, out] buffers (for the exporter; see above).
+    `exclude`: parameters all of whose names start with one of these are left as they are."""
     import torch
 
     from vlmforge.source import read_safetensors_header
 
-    index = tensor_index(source)
+    index = tensor_index(source) if index is None else index
     rename = source.family.checkpoint_name or (lambda n: n)
     groups: dict[int, list[str]] = defaultdict(list)
     params = {}
@@ -165,6 +248,8 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
     wanted: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)  # file -> [(key, names)]
     for names in groups.values():
         if prefixes is not None and not any(n.startswith(tuple(prefixes)) for n in names):
+            continue
+        if exclude and all(n.startswith(exclude) for n in names):
             continue
         key = next((k for n in names for k in (n, rename(n)) if k in index), None)
         if key is None:

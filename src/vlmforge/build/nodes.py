@@ -139,7 +139,7 @@ def validation(b, node, folder: Path) -> dict:
         dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(b.hf_config) > 0
         inp = SuiteInputs(family.key, b.staging, b.final_contracts, dict(b.precision), b.params, b.deepstack,
                           tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
-                          fp32_directory=b.scratch if node.scratch else None)
+                          fp32_directory=b.scratch if node.scratch else None, reference=b.reference)
         # run_suite takes the model (b.take_model) for its PyTorch pass and frees it before the graph pass
         images = validation_images(cfg.validate, b.options.dynamic, b.options.image_size)
         result = run_suite(inp, b.take_model, b.source.path, cfg.validate, images)
@@ -219,6 +219,9 @@ def manifest(b, node, staging: Path) -> dict:
             data["components"][stage]["transform"] = record["transform"]
     if variant:
         data["variant"] = variant
+    if checks:  # what the checks compared against: PyTorch at the load dtype, its weights resident or streamed
+        data["validation"]["reference"] = {"model": "transformers", "dtype": b.cfg.model.load_dtype,
+                                           "weights": b.reference}
     validate_manifest(data, str(staging / MANIFEST))
     return data
 

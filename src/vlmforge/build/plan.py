@@ -41,7 +41,7 @@ from vlmforge.build.publish_dir import work_dirs
 from vlmforge.config import BuildConfig
 from vlmforge.core.errors import CheckpointError
 from vlmforge.core.hashing import sha256_file
-from vlmforge.loading import whole_model
+from vlmforge.loading import REFERENCES, reference_kind, reference_model
 from vlmforge.progress import Progress
 from vlmforge.registry import STAGES, family_module
 from vlmforge.source import check_model_size, checkpoint_file
@@ -101,10 +101,16 @@ class Build:
             t = time.perf_counter()
             log.info("loading the PyTorch model from %s (for %s)", self.source.path, why)
             with self.progress.step("loading the PyTorch model"):
-                self._model = whole_model(self.source, self.hf_config, self.cfg.model.load_dtype)
+                self._model = reference_model(self.source, self.hf_config, self.cfg.model.load_dtype,
+                                              self.reference)
             self.timings["load_model"] = time.perf_counter() - t
             self.model_loaded = True
         return self._model
+
+    @property
+    def reference(self) -> str:
+        """How the validation's PyTorch reference holds its weights: resident or streamed (validate.reference)."""
+        return reference_kind(self.cfg.validate.reference, self.parameters)
 
     def take_model(self):
         """The model, handed over: the build keeps no reference, so the validation frees it after its
@@ -245,8 +251,13 @@ def _transform_node(b: Build, stage: str, precision: str, run: Callable) -> Node
 
 def _validation_node(b: Build, finals: dict, exports: tuple, run: Callable) -> Node:
     cfg = b.cfg
+    if cfg.validate.reference not in REFERENCES:
+        from vlmforge.core.errors import RecipeError
+
+        raise RecipeError(f"validate.reference={cfg.validate.reference!r} is not a reference kind",
+                          where="recipe key validate.reference", fix=f"use one of {list(REFERENCES)}")
     images = {str(p): sha256_file(Path(p).resolve()) for p in cfg.validate.images if Path(p).is_file()}
-    inputs = {"kind": "validation", "precision": b.precision, "deepstack": cfg.model.deepstack,
+    inputs = {"kind": "validation", "precision": b.precision, "deepstack": cfg.model.deepstack, "reference": b.reference,
               "validate": dataclasses.asdict(cfg.validate), "images": images, "providers": list(cfg.target.providers)}
     behind = tuple(f"export.{s}" for s, name in finals.items() if name != f"export.{s}")
     deps = tuple(dict.fromkeys((*finals.values(), *exports, "runtime_configs")))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 from vlmforge.build import source_config_sha256, validation_images
@@ -10,7 +12,7 @@ from vlmforge.core.contracts import StageContract
 from vlmforge.core.errors import CheckpointError
 from vlmforge.artifact.manifest import check_verified
 from vlmforge.host.sizes import size_from_json
-from vlmforge.loading import whole_model
+from vlmforge.loading import reference_kind, reference_model
 from vlmforge.source import open_source
 from vlmforge.host.dynamic import DynamicImageParams
 from vlmforge.host.image import image_params
@@ -48,7 +50,7 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
 
     family = get_family(m["family"])
     hf_config = load_hf_config(source, cfg.model.trust_remote_code)
-    check_model_size(source, hf_config)
+    parameters = check_model_size(source, hf_config)
     vision = m["components"]["vision"]
     dynamic = vision.get("vision") == "dynamic"
     size = None if dynamic else size_from_json(vision["image_size"])
@@ -69,5 +71,7 @@ def revalidate(directory: Path, checkpoint: str | None = None) -> list[CheckResu
         params = image_params(source.path, hf_config, size, family.image.mean, family.image.std)
     inp = SuiteInputs(m["family"], Path(directory), contracts, precisions, params,
                       deepstack, tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None)
-    loader = lambda: whole_model(source, hf_config, cfg.model.load_dtype)  # noqa: E731
+    kind = reference_kind(cfg.validate.reference, parameters)
+    inp = dataclasses.replace(inp, reference=kind)
+    loader = lambda: reference_model(source, hf_config, cfg.model.load_dtype, kind)  # noqa: E731
     return run_suite(inp, loader, source.path, cfg.validate, validation_images(cfg.validate, dynamic, size)).checks

@@ -78,6 +78,13 @@ class QuantizedLinear:
         w = (q - zp[..., None]) * scales[..., None]
         return w.reshape(m, blocks * self.block)[:, :self.k], step.reshape(m, blocks * self.block)[:, :self.k]
 
+    def dequantize(self) -> np.ndarray:
+        """The [N, K] float32 weight, a block of rows at a time."""
+        weight = np.empty((self.n, self.k), np.float32)
+        for start, stop in self.chunks():
+            weight[start:stop] = self.rows(start, stop)[0]
+        return weight
+
     def chunks(self):
         """(start, stop) row ranges of about CHUNK_BYTES of float32 each."""
         per = max(1, CHUNK_BYTES // (4 * max(self.k, 1)))
@@ -136,28 +143,66 @@ def load_into(model, fp32_graph: Path, graph: Path) -> tuple[int, list[str], flo
 
     The last is the weights' own check: round-to-nearest keeps every element within one step (half a step,
     one at the clipped end of the range); scales, zero points or nibbles in the wrong place are several
-    steps off, on any weights. The graph check (same weights on both sides) cannot see those."""
+    steps off, on any weights. The graph check (same weights on both sides) cannot see those.
+
+    A layer-streamed model (vlmforge.loading.streamed_model): a streamed block's weights are matched by reading
+    each block once, and replaced by an override that dequantizes the packed INT4 weight (kept, 1/8 of the FP32
+    bytes) whenever the block is read: the dequantized weights are never all in memory."""
+    import functools
+
     import torch
 
+    stream = getattr(model, "_vlmforge_stream", None)
     by_digest: dict[str, list] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            by_digest.setdefault(_digest(module.weight.detach().T.numpy()), []).append(module)
+    for name, weight in _linear_weights(model, stream):
+        by_digest.setdefault(_digest(weight.detach().T.numpy()), []).append(name)
     fp32 = onnx.load(str(fp32_graph), load_external_data=False)
     fp32_inits = {t.name: t for t in fp32.graph.initializer}
     replaced, unmatched, steps = 0, [], 0.0
     for name, q in quantized_weights(graph):
         original = read_tensor(fp32_graph, fp32_inits[name]) if name in fp32_inits else None
-        modules = by_digest.get(_digest(original)) if original is not None else None
-        if q is None or not modules:
+        targets = by_digest.get(_digest(original)) if original is not None else None
+        if q is None or not targets:
             unmatched.append(name)
             continue
+        streamed = [t for t in targets if stream is not None and _in_block(t, stream)]
         weight, off = dequantize_checked(q, original)
         del original
         steps = max(steps, off)
-        for module in modules:
-            module.weight = torch.nn.Parameter(torch.from_numpy(weight), requires_grad=False)
+        for target in targets:
+            if target in streamed:
+                stream.overrides[target] = functools.partial(lambda q: torch.from_numpy(q.dequantize()), q)
+            else:
+                model.get_submodule(target.rpartition(".")[0]).weight = torch.nn.Parameter(
+                    torch.from_numpy(weight), requires_grad=False)
             replaced += 1
+        del weight
     log.info("%s: %d quantized weights loaded into the PyTorch model (%d unmatched)", graph.name, replaced,
              len(unmatched))
     return replaced, unmatched, steps
+
+
+def _in_block(name: str, stream) -> bool:
+    return any(name.startswith(prefix) for prefix in stream.blocks)
+
+
+def _linear_weights(model, stream):
+    """(parameter name, weight) of every float32 nn.Linear of `model`; a streamed model's blocks are read one at
+    a time for it (each weight is only looked at inside the loop)."""
+    import torch
+
+    def linears(root, prefix=""):
+        for name, module in root.named_modules(prefix=prefix.rstrip(".")):
+            if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32 \
+                    and module.weight.device.type != "meta":
+                yield f"{name}.weight", module.weight
+
+    if stream is None:
+        yield from linears(model)
+        return
+    for name, weight in linears(model):  # the resident part (a block's are on meta here)
+        if not _in_block(name, stream):
+            yield name, weight
+    for prefix in stream.blocks:
+        with stream.resident(prefix) as block:
+            yield from linears(block, prefix)

@@ -39,6 +39,10 @@ class SuiteInputs:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     deepstack_off: Callable[[Any], Any] | None = None  # set for a `deepstack: drop` variant
     fp32_directory: Path | None = None  # the FP32 graphs behind transformed ones (checks vs FP32 ONNX)
+    # how the PyTorch reference holds its weights (vlmforge.loading.reference_kind). "streamed": the build is
+    # bounded to less than the FP32 model, so the FP32 decoder graph is not opened either: a transformed decoder
+    # is compared with PyTorch FP32 on the same prompt instead (named so in the check)
+    reference: str = "resident"
 
 
 @dataclass
@@ -80,6 +84,7 @@ class References:
     task: list[str] | None = None
     deviation: list[dict] = field(default_factory=list)  # DeepStack on, per image (a `deepstack: drop` variant)
     same_weights: dict = field(default_factory=dict)  # INT4 stages: PyTorch with the graphs' dequantized weights
+    fp32_prefill: object = None  # streamed reference, transformed decoder: PyTorch FP32 logits on the versus input
 
 
 def run_suite(inp: SuiteInputs, load_model: Callable[[], Any], source_path: Path, vcfg, images) -> SuiteResult:
@@ -113,6 +118,8 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
             refs = _references(inp, ref, vcfg, images)
         if inp.deepstack_off:
             refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
+        if _decoder_versus_pytorch(inp):
+            refs.fp32_prefill = _fp32_prefill(ref, vcfg, images)
         if inp.fp32_directory is not None and "int4" in inp.precisions.values():  # last: it changes the weights
             with (inp.deepstack_off(ref.model) if inp.deepstack_off else contextlib.nullcontext()):
                 refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
@@ -140,6 +147,17 @@ def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
         log.info("reference: %d held-out questions", vcfg.task_questions)
         task = reference_task(ref, vcfg.task_questions)
     return References(pre, vision, embedding, decoder, wants, task)
+
+
+def _decoder_versus_pytorch(inp: SuiteInputs) -> bool:
+    return inp.reference == "streamed" and inp.fp32_directory is not None and inp.precisions["decoder"] != "fp32"
+
+
+def _fp32_prefill(ref: Reference, vcfg, images) -> np.ndarray:
+    """PyTorch FP32 logits on fp32_outputs' input (the chat prompt with the first image, batch 1)."""
+    pv, grid = ref.hf_pixels(images[0])
+    ids = np.asarray([ref.prompt_ids(vcfg.prompt, 1, grid_tokens(grid.numpy(), ref.params.merge_size))], np.int64)
+    return ref.logits(ids, np.ones_like(ids), pv, grid)
 
 
 def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
@@ -202,7 +220,7 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     t = time.perf_counter()
     tol = lambda stage: tolerance(vcfg.tolerances, stage, inp.precisions.get(stage, "fp32"))  # noqa: E731
     worst = max(inp.precisions.values(), key=PRECISION_ORDER.index)
-    base = fp32_outputs(inp, ref, vcfg, images) if inp.fp32_directory is not None else None
+    base = fp32_outputs(inp, ref, vcfg, images, refs) if inp.fp32_directory is not None else None
     engine = staged_engine(inp.directory, inp.contracts, inp.providers)
     results, versus = list(refs.preprocess), []
     log.info("graph pass: vision (%s)", rss_note())
@@ -248,9 +266,10 @@ def kinds(checks: list[CheckResult], inp: SuiteInputs) -> list[CheckResult]:
     return [dataclasses.replace(c, kind=kind(c)) for c in checks]
 
 
-def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
+def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images, refs: References | None = None) -> dict:
     """The FP32 ONNX graphs behind the transformed ones, on the versus-FP32 inputs: one session at a time,
-    closed before the transformed sessions open; only their outputs are kept."""
+    closed before the transformed sessions open; only their outputs are kept. A streamed reference: the FP32
+    decoder graph is not opened (it alone would hold the FP32 decoder's weights); its logits are PyTorch's."""
     base = staged_engine(inp.fp32_directory, _fp32_contracts(inp.contracts), inp.providers, fallback=inp.directory)
     pv, grid = ref.hf_pixels(images[0])
     o = {"pv": pv.numpy(), "grid": grid.numpy()}
@@ -263,8 +282,11 @@ def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
         o["pos"], _ = mrope.rope_index(o["ids"], None, o["grid"], image_token_id=ref.config.image_token_id,
                                        vision_start_token_id=ref.config.vision_start_token_id,
                                        spatial_merge_size=ref.params.merge_size)
-        dec = base.keep("decoder")
-        o["logits"], _ = dec.decode(o["emb"], np.ones_like(o["ids"]), o["pos"], dec.empty_past(1), o["deep"])
+        if _decoder_versus_pytorch(inp):
+            o["logits"], o["against"] = refs.fp32_prefill, "FP32 PyTorch (validate.reference=streamed)"
+        else:
+            dec = base.keep("decoder")
+            o["logits"], _ = dec.decode(o["emb"], np.ones_like(o["ids"]), o["pos"], dec.empty_past(1), o["deep"])
     base.close()
     return o
 
@@ -284,7 +306,8 @@ def _versus(engine, base: dict | None, inp: SuiteInputs, vcfg, stage: str) -> li
         return compare("embedding", "inputs_embeds vs FP32 ONNX", got, base["emb"], tol)
     ones = np.ones_like(base["ids"])
     got, _ = engine.decode(base["emb"], ones, base["pos"], engine.empty_past(1), base["deep"])
-    return compare("decoder", "prefill logits vs FP32 ONNX", got, base["logits"], tol, logits=True)
+    return compare("decoder", f"prefill logits vs {base.get('against', 'FP32 ONNX')}", got, base["logits"], tol,
+                   logits=True)
 
 
 def _fp32_contracts(contracts: dict[str, StageContract]) -> dict[str, StageContract]:
