@@ -67,3 +67,22 @@ def test_plan_refuses_a_too_small_or_read_only_output_disk_as_a_file_system_erro
     read_only = BuildPlan(1, 4, 4, GB, GB, 20 * GB, 75 * GB, str(tmp_path), read_only=True)
     with pytest.raises(FileSystemError, match="Read-only file system"):
         check_plan(read_only, "x")
+
+
+def test_a_streamed_reference_plans_a_7b_int4_build_inside_24_gb_and_refuses_its_fp32_build(tmp_path):
+    """Qwen2.5-VL-7B (8.29 B parameters, 33 GB as FP32) with validate.reference=streamed (auto at this size):
+    int4_mixed is planned inside what a 24 GB box has; FP32 needs the FP32 decoder graph's sessions and is
+    refused up front with the plan and the fixes."""
+    params = 8_292_166_656
+    int4 = make_plan(params, {"vision": "fp16", "embedding": "fp32", "decoder": "int4"}, True, True, 70 * GB, tmp_path,
+                     "streamed")
+    fp32 = make_plan(params, {"vision": "fp32", "embedding": "fp32", "decoder": "fp32"}, True, True, 70 * GB, tmp_path,
+                     "streamed")
+    resident = make_plan(params, {"vision": "fp16", "embedding": "fp32", "decoder": "int4"}, True, True, 70 * GB,
+                         tmp_path)
+    assert int4.peak_rss < 22 * GB < fp32.peak_rss < resident.peak_rss
+    box = BuildPlan(params, fp32.fp32_bytes, fp32.target_bytes, fp32.peak_rss, 0, int(22.6 * GB), 75 * GB)
+    with pytest.raises(ResourceError) as err:
+        check_plan(box, "recipes/build.yaml: model.checkpoint=/models/7b")
+    assert "validate.reference=streamed" in err.value.render() and "precision=int4_mixed" in err.value.render()
+    check_plan(BuildPlan(params, int4.fp32_bytes, int4.target_bytes, int4.peak_rss, 0, int(22.6 * GB), 75 * GB), "x")

@@ -128,7 +128,8 @@ def check_plan(plan: BuildPlan, where: str, enforce: bool = True) -> None:
         f"this machine cannot hold the build: {short} ({plan.parameters / 1e9:.2f} B parameters, "
         f"{_human(plan.fp32_bytes)} as FP32)", where=where,
         fix="run on a machine with more memory (or free some), choose a smaller precision (precision=int4_mixed), "
-            "export without validation (validate=off), or set memory_check=false to try anyway")
+            "validate against a layer-streamed reference (validate.reference=streamed), export without validation "
+            "(validate=off), or set memory_check=false to try anyway")
 
 
 def _check_disk(plan: BuildPlan, enforce: bool) -> None:
