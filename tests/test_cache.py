@@ -189,7 +189,7 @@ def test_second_build_is_up_to_date_without_loading_the_model(qwen25_392, work_d
     def no_model(*a, **k):
         raise AssertionError("the PyTorch model was loaded for a fully cached build")
 
-    monkeypatch.setattr(P, "whole_model", no_model)
+    monkeypatch.setattr(P, "reference_model", no_model)
     cfg = compose(f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}", "model=tiny_qwen2_5_vl",
                   "vision=small", "name=cached-again")
     with caplog.at_level(logging.INFO, logger="vlmforge.build"):
