@@ -273,3 +273,30 @@ def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(fa
     assert torch.equal(a, b)
     assert all(p.is_meta for prefix in stream.blocks for n, p in got.named_parameters() if n.startswith(prefix))
     assert not any(p.is_meta for n, p in got.named_parameters() if not n.startswith(tuple(stream.blocks)))
+
+
+def test_an_int4_build_validated_against_the_streamed_reference_passes_the_same_checks(work_dirs):
+    """int4_mixed on the tiny Qwen2.5-VL, validated twice from the same graphs: with the resident reference and the
+    layer-streamed one (the INT4 same-weight check then dequantizes each decoder layer's weights when the layer is
+    read). Every check passes with the same values; the decoder's versus-FP32 check is against PyTorch FP32 instead of
+    the FP32 decoder graph (not opened), and the manifest says which reference the checks used."""
+    import json
+
+    from tests.conftest import compose
+    from vlmforge.build import run_build
+
+    got = {}
+    for ref in ("resident", "streamed"):
+        cfg = compose(f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}", "model=tiny_qwen2_5_vl",
+                      "precision=int4_mixed", f"validate.reference={ref}", f"name=int4-{ref}")
+        report = run_build(cfg)
+        got[ref] = json.loads((report.directory / "manifest.json").read_text())["validation"]
+    for ref, v in got.items():
+        assert v["passed"] and v["reference"] == {"model": "transformers", "dtype": "float32", "weights": ref}
+    names = {r: [c["name"] for c in v["checks"]] for r, v in got.items()}
+    assert "prefill logits vs FP32 ONNX" in names["resident"]
+    assert "prefill logits vs FP32 PyTorch (validate.reference=streamed)" in names["streamed"]
+    same = [n for n in names["streamed"] if "INT4 weights" in n]
+    assert len(same) >= 4  # weights found, their step check, the decoder against its own dequantized weights
+    for a, b in zip(got["resident"]["checks"], got["streamed"]["checks"], strict=True):
+        assert a["value"] == b["value"] and a["passed"] and b["passed"], (a["name"], b["name"])
