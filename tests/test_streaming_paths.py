@@ -270,7 +270,9 @@ def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(fa
                   mm_token_type_ids=(ids == cfg.image_token_id).long())
     with torch.no_grad():
         a, b = want(**kwargs).logits, got(**kwargs).logits
-    assert torch.equal(a, b)
+        again = got(**kwargs).logits  # the second forward reads every block into the buffers the first gave back
+    assert torch.equal(a, b) and torch.equal(a, again)
+    assert stream._pool and not stream._owned  # buffers kept for the next forward, none still in a block
     assert all(p.is_meta for prefix in stream.blocks for n, p in got.named_parameters() if n.startswith(prefix))
     assert not any(p.is_meta for n, p in got.named_parameters() if not n.startswith(tuple(stream.blocks)))
 

@@ -165,6 +165,12 @@ class LayerStream:
                 if any(True for _ in block.parameters()):
                     self.blocks[f"{name}.{i}."] = block
         self._live: dict[str, list[str]] = {}
+        # Buffers handed back by released blocks, by (shape, dtype), taken again by the next block of the same
+        # shapes (every decoder layer, every ViT block): a forward reads every block, and allocating each block's
+        # weights afresh (page faults, then unmapping) took more time than reading and casting them. Holds one
+        # block of each kind and its reads.
+        self._pool: dict[tuple, list] = defaultdict(list)
+        self._owned: set[int] = set()
         for prefix, block in self.blocks.items():
             block.register_forward_pre_hook(lambda mod, args, prefix=prefix: self.load(prefix))
             block.register_forward_hook(lambda mod, args, out, prefix=prefix: self.unload(prefix))
@@ -174,7 +180,11 @@ class LayerStream:
 
         if prefix in self._live:
             return
-        names = materialise(self.model, self.source, (prefix,), self.dtype, transposed=False, index=self.index)
+        reads: list = []
+        names = materialise(self.model, self.source, (prefix,), self.dtype, transposed=False, index=self.index,
+                            alloc=lambda shape, dtype: self._take(shape, dtype, reads))
+        for r in reads:  # the checkpoint-dtype reads are done with once the block is cast
+            self._give(r)
         for n in names:
             if n in self.overrides:
                 _set(self.model, n, torch.nn.Parameter(self.overrides[n](), requires_grad=False))
@@ -183,7 +193,24 @@ class LayerStream:
     def unload(self, prefix: str) -> None:
         names = self._live.pop(prefix, None)
         if names:
+            for n in names:
+                self._give(self.model.get_parameter(n).data)
             release(self.model, names)
+
+    def _take(self, shape, dtype, reads: list):
+        import torch
+
+        free = self._pool[(tuple(shape), dtype)]
+        buf = free.pop() if free else torch.empty(tuple(shape), dtype=dtype)
+        self._owned.add(buf.data_ptr())
+        if dtype == torch.uint8:
+            reads.append(buf)
+        return buf
+
+    def _give(self, tensor) -> None:
+        if tensor.data_ptr() in self._owned:  # not an override's tensor, and not given twice (tied names)
+            self._owned.discard(tensor.data_ptr())
+            self._pool[(tuple(tensor.shape), tensor.dtype)].append(tensor)
 
     @contextlib.contextmanager
     def resident(self, prefix: str):
@@ -229,11 +256,12 @@ def _parameters_on_meta():
 
 def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "float32",
                 transposed: bool = True, stand_ins: "StandIns | None" = None, exclude: tuple[str, ...] = (),
-                index: dict | None = None) -> list[str]:
+                index: dict | None = None, alloc=None) -> list[str]:
     """Read every parameter of `model` under `prefixes` (all of them when None) from the checkpoint's
     safetensors files, cast to `dtype`. Returns the parameter names set (aliases of tied ones included).
     `transposed`: Linear weights as transpose views of [in, out] buffers (for the exporter; see above).
-    `exclude`: parameters all of whose names start with one of these are left as they are."""
+    `exclude`: parameters all of whose names start with one of these are left as they are.
+    `alloc(shape, dtype)`: where the (untransposed) values and the reads go, instead of new memory per tensor."""
     import torch
 
     from vlmforge.source import read_safetensors_header
@@ -274,7 +302,7 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                         _set(model, n, param)
                     done += names
                     continue
-                tensor = _read(fh, header[key], start)
+                tensor = _read(fh, header[key], start, alloc)
                 if tuple(tensor.shape) != want:
                     raise CheckpointError(f"tensor {key!r} has shape {list(tensor.shape)}, the model needs "
                                           f"{list(want)}", where=str(file),
@@ -285,6 +313,10 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                     buf = torch.empty(want[::-1], dtype=target)
                     buf.copy_(tensor.t())
                     param = torch.nn.Parameter(buf.t(), requires_grad=False)
+                elif alloc is not None:
+                    buf = alloc(want, target)
+                    buf.copy_(tensor)
+                    param = torch.nn.Parameter(buf, requires_grad=False)
                 else:
                     param = torch.nn.Parameter(tensor.to(target), requires_grad=False)
                 del tensor
@@ -314,14 +346,14 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _read(fh, entry: dict, start: int):
-    """One tensor read with plain file reads into memory of its own. Not safetensors' memory map: the mapped
-    pages of the checkpoint count in the resident set until the file is closed (measured at 3B widths: a
-    whole shard, up to 1.9 GiB, on top of the stage's FP32 weights); read pages stay in the page cache only."""
+def _read(fh, entry: dict, start: int, alloc=None):
+    """One tensor read with plain file reads into memory of its own (or `alloc`'s). Not safetensors' memory map:
+    the mapped pages of the checkpoint count in the resident set until the file is closed (measured at 3B widths:
+    a whole shard, up to 1.9 GiB, on top of the stage's FP32 weights); read pages stay in the page cache only."""
     import torch
 
     begin, end = entry["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
+    buf = torch.empty(end - begin, dtype=torch.uint8) if alloc is None else alloc((end - begin,), torch.uint8)
     fh.seek(start + begin)
     if end > begin and fh.readinto(memoryview(buf.numpy())) != end - begin:
         raise CheckpointError("a tensor ends past the end of its file", where=str(fh.name),
