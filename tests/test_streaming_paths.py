@@ -302,3 +302,24 @@ def test_an_int4_build_validated_against_the_streamed_reference_passes_the_same_
     assert len(same) >= 4  # weights found, their step check, the decoder against its own dequantized weights
     for a, b in zip(got["resident"]["checks"], got["streamed"]["checks"], strict=True):
         assert a["value"] == b["value"] and a["passed"] and b["passed"], (a["name"], b["name"])
+
+
+def test_saving_an_export_gives_its_scratch_data_back_tensor_by_tensor(tmp_path, monkeypatch):
+    """save_like_onnx(consume=True) (the exporter's own scratch file): the same files, and the scratch data file's
+    blocks are released as its tensors are copied, so the disk holds the weights about once during the save."""
+    import os
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    src = _export_torch(tmp_path)
+    data = src.with_name(src.name + ".data")
+    big = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
+    with open(data, "ab") as fh:  # room to see blocks released: 2 MiB of real data past the graph's own
+        fh.write(big.tobytes())
+    before = os.stat(data).st_blocks
+    old, new = tmp_path / "old" / "stage.onnx", tmp_path / "new" / "stage.onnx"
+    old.parent.mkdir(), new.parent.mkdir()
+    save_like_onnx(onnx_export.normalize_model(load_structure(src)), src, old, 0)
+    assert os.stat(data).st_blocks == before  # not consumed: untouched
+    save_like_onnx(onnx_export.normalize_model(load_structure(src)), src, new, 0, consume=True)
+    assert _files(new) == _files(old)
+    assert os.stat(data).st_size > 2 << 20 and os.stat(data).st_blocks < before  # the copied tensors' blocks freed

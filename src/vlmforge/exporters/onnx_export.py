@@ -90,7 +90,7 @@ def export_module(
         if contract is not None:
             _check_input_names(model, contract, out_path)
             stamp_contract_dims(model, contract)
-        save_like_onnx(normalize_model(model), tmp_file, out_path, EXTERNAL_DATA_THRESHOLD)
+        save_like_onnx(normalize_model(model), tmp_file, out_path, EXTERNAL_DATA_THRESHOLD, consume=True)
     return out_path
 
 

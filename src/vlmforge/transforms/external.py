@@ -108,7 +108,7 @@ def save_structure(model: onnx.ModelProto, dst: Path) -> Path:
     return Path(dst)
 
 
-def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int) -> Path:
+def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int, consume: bool = False) -> Path:
     """Write `model` to `dst` exactly as `exporters.onnx_export.save_model` would after loading every
     external tensor, without loading them: tensors whose bytes are still in `src`'s data files are read and
     written one at a time (a chunk at a time), tensors held in memory (`raw_data`) are written as they are.
@@ -117,7 +117,9 @@ def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int)
     size_threshold=1024)`): initializers in onnx's walk order, each at the end of `<dst>.data` with no padding,
     external when their bytes number at least 1024 - 33 (onnx compares `sys.getsizeof(raw_data)`), inline
     otherwise; every weight inline when the initializers together weigh `threshold` bytes or less.
-    The caller normalises the model first (exporters.onnx_export.normalize_model), as save_model does."""
+    The caller normalises the model first (exporters.onnx_export.normalize_model), as save_model does.
+    `consume`: `src`'s data files are the caller's scratch, read once: each tensor's bytes there are released
+    (punch_hole) once copied, so the disk holds the graph's weights about once, not twice, while it is written."""
     from onnx.external_data_helper import _get_initializer_tensors  # the order onnx.save_model writes in
 
     dst = Path(dst)
@@ -147,9 +149,12 @@ def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int)
                 start = out.tell()
                 if external:
                     file, offset, _ = external_file(src, t)
-                    fh = handles.get(file) or handles.setdefault(file, open(file, "rb"))
+                    fh = handles.get(file) or handles.setdefault(file, open(file, "rb+" if consume else "rb"))
                     fh.seek(offset)
                     _copy(fh, out, size, None, t.name, src)
+                    if consume:
+                        out.flush()
+                        punch_hole(fh, offset, size)
                 else:
                     out.write(t.raw_data)
                     t.ClearField("raw_data")
@@ -159,6 +164,27 @@ def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int)
             fh.close()
     onnx.save_model(model, str(dst))
     return dst
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fh, offset: int, length: int) -> bool:
+    """Give a byte range of an open file back to the file system (Linux fallocate PUNCH_HOLE; the file keeps its
+    size and reads zeros there). False where the call or the file system does not support it: nothing changes."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux") or length <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fallocate = libc.fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        return fallocate(fh.fileno(), _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _nbytes(t: onnx.TensorProto, src: Path) -> int:
