@@ -119,14 +119,39 @@ class Build:
         return model
 
     def bytes_needed(self) -> int:
-        """Disk a build of this model needs: the FP32 set, and as much again for the stage cache when it
-        shares the file system (transformed sets are smaller: an upper bound)."""
-        one = self.parameters * 4 + (16 << 20)
+        """Disk a build of this model needs: the set (each stage at its precision), and, when the stage cache
+        shares the file system, the cache: every stage's FP32 export and the transformed graphs. Per stage from
+        the parameters it reads (full-depth Qwen2.5-VL-3B int4_mixed: 21.5 GiB measured, 22.1 GiB predicted)."""
+        from vlmforge.launch.plan import BYTES_PER_PARAM
+
+        counts = stage_parameters(self.source, self.hf_config) or {"decoder": self.parameters}
+        at = lambda stage: int(counts.get(stage, 0) * BYTES_PER_PARAM.get(self.precision[stage], 4.0))  # noqa: E731
+        set_bytes = sum(at(s) for s in counts) + (16 << 20)
+        cache = self.parameters * 4 + sum(at(s) for s in counts if self.precision[s] != "fp32")
         try:
             same = os.stat(Path(self.cfg.cache_dir)).st_dev == os.stat(self.final.parent).st_dev
         except OSError:
             same = True
-        return one * (2 if same else 1)
+        return int((set_bytes + (cache if same else 0)) * 1.05)
+
+
+def stage_parameters(source, hf_config) -> dict[str, int]:
+    """{stage: parameters its graph holds} from the model on the meta device (a tied head counts in both the
+    embedding and the decoder: both graphs hold it); {} when the family names no stage prefixes."""
+    import torch
+    import transformers
+
+    prefixes = source.family.stage_weights or {}
+    if not prefixes:
+        return {}
+    with torch.device("meta"):
+        model = getattr(transformers, source.family.hf_class)._from_config(hf_config)
+    counts = dict.fromkeys(prefixes, 0)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        for stage, pre in prefixes.items():
+            if name.startswith(tuple(pre)):
+                counts[stage] += p.numel()
+    return counts
 
 
 def open_build(cfg: BuildConfig, family, source, final: Path, image_size: int | None, progress: Progress) -> Build:
