@@ -85,6 +85,10 @@ class ValidateConfig:
     # from the checkpoint around their forward: same outputs, ~1/4 of the memory), auto (streamed from 4 GiB of
     # FP32 weights)
     reference: str = "auto"
+    # trained (real checkpoints, trained fixtures) | random (random-weight checkpoints, `vlmforge fixture`): the
+    # quality gates of a transformed graph use its `<precision>_random` tolerance where the recipe has one (a
+    # sanity bound: random weights cannot judge quantization quality); the graph checks are the same either way
+    weights: str = "trained"
     tolerances: dict = field(default_factory=dict)
 
 
@@ -228,7 +232,7 @@ def check_vision(vision: VisionConfig, recipe: str) -> None:
 
 
 # int4_weights: an INT4 graph against PyTorch running the same dequantized weights (validators/same_weights.py)
-TOLERANCE_KEYS = (*PRECISIONS, "int4_weights")
+TOLERANCE_KEYS = (*PRECISIONS, "int4_weights", "int4_random")
 
 
 def check_tolerances(tolerances, recipe: str) -> None:

@@ -121,3 +121,16 @@ def test_dequantizing_a_vocab_sized_head_holds_one_float_copy(monkeypatch):
     assert np.array_equal(weight, full) and steps <= 0.5001  # the same weights, within half a step
     assert steps == float((np.abs(full - w) / full_step).max())
     assert peak < 1.5 * w.nbytes, f"peak {peak / w.nbytes:.2f}x the weight's float32 bytes"
+
+
+def test_random_weights_select_the_quality_sanity_bound_and_nothing_else():
+    """validate.weights=random: a transformed graph's quality gate is its `<precision>_random` entry (INT4 against
+    FP32 on random weights measures only noise); graph checks and FP32 gates are the same on any weights."""
+    from tests.conftest import compose
+    from vlmforge.validators.suite import tolerance
+
+    tol = compose("precision=int4_mixed").validate.tolerances
+    assert tolerance(tol, "decoder", "int4", "random") == {"mean_cosine": 0.4} != tolerance(tol, "decoder", "int4")
+    assert tolerance(tol, "chain", "int4", "random") == {"mean_cosine": 0.4}
+    for stage, precision in (("decoder", "fp32"), ("decoder", "int4_weights"), ("vision", "fp16"), ("chain", "fp32")):
+        assert tolerance(tol, stage, precision, "random") == tolerance(tol, stage, precision)

@@ -281,6 +281,11 @@ def _validation_node(b: Build, finals: dict, exports: tuple, run: Callable) -> N
 
         raise RecipeError(f"validate.reference={cfg.validate.reference!r} is not a reference kind",
                           where="recipe key validate.reference", fix=f"use one of {list(REFERENCES)}")
+    if cfg.validate.weights not in ("trained", "random"):
+        from vlmforge.core.errors import RecipeError
+
+        raise RecipeError(f"validate.weights={cfg.validate.weights!r}", where="recipe key validate.weights",
+                          fix="use trained (real or trained checkpoints) or random (random-weight checkpoints)")
     images = {str(p): sha256_file(Path(p).resolve()) for p in cfg.validate.images if Path(p).is_file()}
     inputs = {"kind": "validation", "precision": b.precision, "deepstack": cfg.model.deepstack, "reference": b.reference,
               "validate": dataclasses.asdict(cfg.validate), "images": images, "providers": list(cfg.target.providers)}

@@ -51,7 +51,11 @@ class SuiteResult:
     variant: dict = field(default_factory=dict)  # measured facts about a deliberately non-equivalent variant
 
 
-def tolerance(tolerances: dict, stage: str, precision: str) -> dict:
+def tolerance(tolerances: dict, stage: str, precision: str, weights: str = "trained") -> dict:
+    """The recipe's tolerance of `stage` at `precision`; on random weights (validate.weights=random) its
+    `<precision>_random` entry where there is one (the quality sanity bounds of transformed graphs)."""
+    if weights == "random" and f"{precision}_random" in tolerances.get(stage, {}):
+        precision = f"{precision}_random"
     try:
         return dict(tolerances[stage][precision])
     except KeyError:
@@ -218,7 +222,7 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     """The graphs against the stored references: FP32 graphs first (their outputs only), then each transformed
     stage alone, then the chain with all three sessions. Results keep the order of the checks' list."""
     t = time.perf_counter()
-    tol = lambda stage: tolerance(vcfg.tolerances, stage, inp.precisions.get(stage, "fp32"))  # noqa: E731
+    tol = lambda stage: tolerance(vcfg.tolerances, stage, inp.precisions.get(stage, "fp32"), vcfg.weights)  # noqa: E731
     worst = max(inp.precisions.values(), key=PRECISION_ORDER.index)
     base = fp32_outputs(inp, ref, vcfg, images, refs) if inp.fp32_directory is not None else None
     engine = staged_engine(inp.directory, inp.contracts, inp.providers)
@@ -238,7 +242,7 @@ def graph_pass(inp: SuiteInputs, ref: Reference, refs: References, vcfg, images)
     engine.exclusive_vision = True  # the chain only: reopening per prompt is cheap beside its generate
     results += chain.check_chain(engine, ref, _chain_cases(vcfg, images, inp.params.dynamic), refs.chain,
                                  vcfg.chain_tokens,
-                                 tolerance(vcfg.tolerances, "chain", worst))
+                                 tolerance(vcfg.tolerances, "chain", worst, vcfg.weights))
     engine.exclusive_vision = False  # the task questions (hundreds of one-image prompts) keep their sessions
     if vcfg.task_questions:
         from vlmforge.validators.task import check_task
@@ -297,7 +301,7 @@ def _versus(engine, base: dict | None, inp: SuiteInputs, vcfg, stage: str) -> li
 
     if base is None or inp.precisions[stage] == "fp32":
         return []
-    tol = tolerance(vcfg.tolerances, stage, inp.precisions[stage])
+    tol = tolerance(vcfg.tolerances, stage, inp.precisions[stage], vcfg.weights)
     if stage == "vision":
         got, _ = engine.encode_image(base["pv"], base["grid"])
         return compare("vision", "image_features vs FP32 ONNX", got, base["feats"], tol)
