@@ -69,6 +69,15 @@ def test_plan_refuses_a_too_small_or_read_only_output_disk_as_a_file_system_erro
         check_plan(read_only, "x")
 
 
+def test_the_plan_of_a_streamed_int4_build_covers_the_measured_full_depth_3b(tmp_path):
+    """Measured: full-depth Qwen2.5-VL-3B (3,754,622,976 parameters), int4_mixed, validate.reference=streamed:
+    peak RSS 10.29 GiB (README "Scale check")."""
+    plan = make_plan(3_754_622_976, {"vision": "fp16", "embedding": "fp32", "decoder": "int4"}, True, True, 0,
+                     tmp_path, "streamed")
+    measured = int(10.29 * GB)
+    assert measured <= plan.peak_rss <= 1.15 * measured
+
+
 def test_a_streamed_reference_plans_a_7b_int4_build_inside_24_gb_and_refuses_its_fp32_build(tmp_path):
     """Qwen2.5-VL-7B (8.29 B parameters, 33 GB as FP32) with validate.reference=streamed (auto at this size):
     int4_mixed is planned inside what a 24 GB box has; FP32 needs the FP32 decoder graph's sessions and is
