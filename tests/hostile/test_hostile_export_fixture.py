@@ -227,7 +227,8 @@ def test_export_interrupted_by_sigint_exits_130_and_leaves_nothing_complete(work
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "vlmforge.cli", "--recipes", str(REPO / "recipes"), "export",
                              f"out_dir={o}", f"cache_dir={tmp_path / 'cache'}", "--force"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not list(o.glob("*/.*staging*")):
         time.sleep(0.2)
@@ -275,3 +276,9 @@ def test_fixture_on_a_full_disk_says_where_and_how_much(capsys, tmp_path):
     with small_fs(tmp_path / "tiny", "256k") as fs:
         assert_refused(cli(capsys, "fixture", "qwen2_5_vl", str(fs / "ck")), "no space left", "is needed")
         assert list(fs.iterdir()) == []
+
+
+def _default_sigint() -> None:
+    """The child starts with SIGINT at its default, as a terminal gives it: a process inherits an ignored SIGINT
+    (a pytest-xdist worker can hold one), and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -146,7 +146,8 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(pipe):
 def test_real_sigint_during_a_reply_keeps_the_chat_process_alive(art):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(VLMFORGE), "chat", str(art), "--max-new-tokens", "3500"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
     got: list[str] = []
     reader = threading.Thread(target=lambda: got.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()
@@ -167,3 +168,9 @@ def test_real_sigint_during_a_reply_keeps_the_chat_process_alive(art):
             proc.kill()
     reader.join(timeout=5)
     assert "[stopped]" in "".join(got)
+
+
+def _default_sigint() -> None:
+    """The child starts with SIGINT at its default, as a terminal gives it: a process inherits an ignored SIGINT
+    (a pytest-xdist worker can hold one), and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
