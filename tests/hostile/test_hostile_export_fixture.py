@@ -279,6 +279,8 @@ def test_fixture_on_a_full_disk_says_where_and_how_much(capsys, tmp_path):
 
 
 def _default_sigint() -> None:
-    """The child starts with SIGINT at its default, as a terminal gives it: a process inherits an ignored SIGINT
-    (a pytest-xdist worker can hold one), and Python then never raises KeyboardInterrupt."""
+    """The child starts with SIGINT at its default and unblocked, as a terminal gives it: a process inherits an
+    ignored or blocked SIGINT (a pytest-xdist worker can hold one after earlier tests), and then never raises
+    KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
