@@ -148,8 +148,9 @@ def streamed_model(source, hf_config, dtype: str = "float32"):
 
 class LayerStream:
     """Hooks that materialise a block's parameters before its forward and put them back on meta after it.
-    `overrides`: {parameter name: () -> tensor}, values that replace the checkpoint's when a block is read
-    (the dequantized INT4 weights of the same-weight check)."""
+    `overrides`: {parameter name: fill(out)}, values that replace the checkpoint's when a block is read, written
+    into `out` (a buffer of the parameter's shape and the stream's dtype; the dequantized INT4 weights of the
+    same-weight check). An overridden parameter is not read from the checkpoint."""
 
     def __init__(self, model, source, dtype: str) -> None:
         import torch
@@ -181,14 +182,17 @@ class LayerStream:
         if prefix in self._live:
             return
         reads: list = []
+        overridden = tuple(n for n in self.overrides if n.startswith(prefix))
         names = materialise(self.model, self.source, (prefix,), self.dtype, transposed=False, index=self.index,
-                            alloc=lambda shape, dtype: self._take(shape, dtype, reads))
+                            alloc=lambda shape, dtype: self._take(shape, dtype, reads), exclude=overridden)
         for r in reads:  # the checkpoint-dtype reads are done with once the block is cast
             self._give(r)
-        for n in names:
-            if n in self.overrides:
-                _set(self.model, n, torch.nn.Parameter(self.overrides[n](), requires_grad=False))
-        self._live[prefix] = names
+        target = getattr(torch, self.dtype)
+        for n in overridden:  # not read from the checkpoint: computed into a buffer of the pool
+            buf = self._take(tuple(self.model.get_parameter(n).shape), target, reads)
+            self.overrides[n](buf)
+            _set(self.model, n, torch.nn.Parameter(buf, requires_grad=False))
+        self._live[prefix] = names + list(overridden)
 
     def unload(self, prefix: str) -> None:
         names = self._live.pop(prefix, None)
@@ -208,7 +212,7 @@ class LayerStream:
         return buf
 
     def _give(self, tensor) -> None:
-        if tensor.data_ptr() in self._owned:  # not an override's tensor, and not given twice (tied names)
+        if tensor.data_ptr() in self._owned:  # not given twice (tied names)
             self._owned.discard(tensor.data_ptr())
             self._pool[(tuple(tensor.shape), tensor.dtype)].append(tensor)
 

@@ -300,6 +300,13 @@ def check_config_keys(config: dict, path: Path) -> None:
 def check_model_size(source: Source, hf_config) -> int:
     """Count the parameters `hf_config` describes (on the meta device: no memory) and refuse a config that
     describes more than the checkpoint holds, before any model is instantiated. Returns the count."""
+    return parameter_counts(source, hf_config)[0]
+
+
+def parameter_counts(source: Source, hf_config) -> tuple[int, dict[str, int]]:
+    """(the parameters `hf_config` describes, {stage: parameters its graph holds}), from one model on the meta
+    device; a config that describes more than the checkpoint holds is refused. A tied head counts in both the
+    embedding and the decoder (both graphs hold it); the dict is empty when the family names no stage prefixes."""
     import torch
     import transformers
 
@@ -319,7 +326,13 @@ def check_model_size(source: Source, hf_config) -> int:
             f"{source.weight_elements / 1e6:.1f} M values: the config does not belong to these weights",
             where=str(source.path / "config.json"),
             fix="use the config.json that came with the checkpoint, or complete the weight files")
-    return count
+    prefixes = source.family.stage_weights or {}
+    stages = dict.fromkeys(prefixes, 0)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        for stage, pre in prefixes.items():
+            if name.startswith(tuple(pre)):
+                stages[stage] += p.numel()
+    return count, stages
 
 
 def load_model(source: Source, trust_remote_code: bool = False, dtype: str = "float32"):

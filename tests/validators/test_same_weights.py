@@ -95,6 +95,29 @@ def test_dequantize_matmul_nbits_reads_low_nibble_first_with_zero_point_8():
     assert (step == 0.5).all()
 
 
+def test_dequantize_with_zero_points_and_a_padded_last_block_matches_the_kernel_formula():
+    """MatMulNBits: w[n, k] = (nibble - zero point of its block) x scale of its block, low nibble first, the zero
+    points packed two per byte, K padded up to whole blocks (K=40 with blocks of 16: the last block half used)."""
+    from vlmforge.validators.same_weights import QuantizedLinear
+
+    n, k, block = 5, 40, 16
+    blocks = 3
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, (n, blocks * block), dtype=np.uint8)
+    zp = rng.integers(0, 16, (n, blocks), dtype=np.uint8)
+    scales = rng.random((n, blocks), dtype=np.float32) + 0.1
+    b = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, blocks, block // 2)
+    zpp = np.zeros((n, 2), np.uint8)  # ceil(3 / 2) bytes a row
+    zpp[:, 0] = zp[:, 0] | (zp[:, 1] << 4)
+    zpp[:, 1] = zp[:, 2]
+    want = ((q.astype(np.float32).reshape(n, blocks, block) - zp[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
+    packed = QuantizedLinear(b, scales.reshape(-1), zpp.reshape(-1), k, n, block)
+    out = np.full((n, k), np.nan, np.float32)
+    assert packed.dequantize(out) is out and np.array_equal(out, want)
+    w, step = packed.rows(1, 4)
+    assert np.array_equal(w, want[1:4]) and np.array_equal(step, np.repeat(scales[1:4], block, 1)[:, :k])
+
+
 def test_dequantizing_a_vocab_sized_head_holds_one_float_copy(monkeypatch):
     """The check of an lm_head [151936, 2048] (1.2 GB as float32) once held ~10x that in temporaries (float
     copies, float64 step ratios): the INT4 build's peak. Block by block, only the result is held whole."""

@@ -39,12 +39,12 @@ from vlmforge.build.cache import digest
 from vlmforge.build.nodes import RUNTIME_FILES, STAGE_READS, StageOptions
 from vlmforge.build.publish_dir import work_dirs
 from vlmforge.config import BuildConfig
-from vlmforge.core.errors import CheckpointError
+from vlmforge.core.errors import CheckpointError, RecipeError
 from vlmforge.core.hashing import sha256_file
 from vlmforge.loading import REFERENCES, reference_kind, reference_model
 from vlmforge.progress import Progress
 from vlmforge.registry import STAGES, family_module
-from vlmforge.source import check_model_size, checkpoint_file
+from vlmforge.source import checkpoint_file, parameter_counts
 from vlmforge.transforms import TRANSFORMS
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class Build:
     hf_config: object
     options: StageOptions
     parameters: int
+    stage_parameters: dict  # stage -> parameters its graph holds ({} when the family names no prefixes)
     precision: dict  # stage -> precision
     contracts: dict  # stage -> the FP32 export's contract
     final_contracts: dict  # stage -> the contract of the graph in the set (FP16 I/O where a transform says so)
@@ -124,7 +125,7 @@ class Build:
         the parameters it reads (full-depth Qwen2.5-VL-3B int4_mixed: 21.5 GiB measured, 22.1 GiB predicted)."""
         from vlmforge.launch.plan import BYTES_PER_PARAM
 
-        counts = stage_parameters(self.source, self.hf_config) or {"decoder": self.parameters}
+        counts = self.stage_parameters or {"decoder": self.parameters}
         at = lambda stage: int(counts.get(stage, 0) * BYTES_PER_PARAM.get(self.precision[stage], 4.0))  # noqa: E731
         set_bytes = sum(at(s) for s in counts) + (16 << 20)
         cache = self.parameters * 4 + sum(at(s) for s in counts if self.precision[s] != "fp32")
@@ -135,31 +136,12 @@ class Build:
         return int((set_bytes + (cache if same else 0)) * 1.05)
 
 
-def stage_parameters(source, hf_config) -> dict[str, int]:
-    """{stage: parameters its graph holds} from the model on the meta device (a tied head counts in both the
-    embedding and the decoder: both graphs hold it); {} when the family names no stage prefixes."""
-    import torch
-    import transformers
-
-    prefixes = source.family.stage_weights or {}
-    if not prefixes:
-        return {}
-    with torch.device("meta"):
-        model = getattr(transformers, source.family.hf_class)._from_config(hf_config)
-    counts = dict.fromkeys(prefixes, 0)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        for stage, pre in prefixes.items():
-            if name.startswith(tuple(pre)):
-                counts[stage] += p.numel()
-    return counts
-
-
 def open_build(cfg: BuildConfig, family, source, final: Path, image_size: int | None, progress: Progress) -> Build:
     """Read the checkpoint's config (no weights) and work out what the build makes. `image_size` None:
     vision=dynamic, whose pixel budget is the recipe's or else the checkpoint's."""
     hf_config = load_hf_config(source, cfg.model.trust_remote_code)
     family.check_checkpoint_config(hf_config, str(source.path / "config.json"))
-    parameters = check_model_size(source, hf_config)
+    parameters, stage_parameters = parameter_counts(source, hf_config)
     deepstack = family.deepstack_layers(hf_config) > 0 and cfg.model.deepstack == "keep"
     bounds = pixel_budget(cfg, source) if image_size is None else (None, None)
     options = StageOptions(image_size=image_size, deepstack=deepstack, min_pixels=bounds[0], max_pixels=bounds[1])
@@ -167,8 +149,8 @@ def open_build(cfg: BuildConfig, family, source, final: Path, image_size: int | 
     precision = {s: getattr(cfg.precision, s) for s in STAGES}
     final_contracts = {s: precision_contract(c, precision[s], cfg.precision) for s, c in contracts.items()}
     staging, scratch = work_dirs(final)
-    return Build(cfg, family, source, final, progress, hf_config, options, parameters, precision, contracts,
-                 final_contracts, staging, scratch)
+    return Build(cfg, family, source, final, progress, hf_config, options, parameters, stage_parameters, precision,
+                 contracts, final_contracts, staging, scratch)
 
 
 def pixel_budget(cfg: BuildConfig, source) -> tuple[int, int]:
@@ -277,13 +259,9 @@ def _transform_node(b: Build, stage: str, precision: str, run: Callable) -> Node
 def _validation_node(b: Build, finals: dict, exports: tuple, run: Callable) -> Node:
     cfg = b.cfg
     if cfg.validate.reference not in REFERENCES:
-        from vlmforge.core.errors import RecipeError
-
         raise RecipeError(f"validate.reference={cfg.validate.reference!r} is not a reference kind",
                           where="recipe key validate.reference", fix=f"use one of {list(REFERENCES)}")
     if cfg.validate.weights not in ("trained", "random"):
-        from vlmforge.core.errors import RecipeError
-
         raise RecipeError(f"validate.weights={cfg.validate.weights!r}", where="recipe key validate.weights",
                           fix="use trained (real or trained checkpoints) or random (random-weight checkpoints)")
     images = {str(p): sha256_file(Path(p).resolve()) for p in cfg.validate.images if Path(p).is_file()}

@@ -65,24 +65,34 @@ class QuantizedLinear:
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """([stop - start, K] float32 weight rows, the quantization step of each element)."""
         blocks = -(-self.k // self.block)
+        w = self.weight_rows(start, stop)
+        scales = self.scales.astype(np.float32, copy=False).reshape(self.n, blocks)[start:stop]
+        step = np.broadcast_to(np.abs(scales)[..., None], (stop - start, blocks, self.block))
+        return w, step.reshape(stop - start, blocks * self.block)[:, :self.k]
+
+    def weight_rows(self, start: int, stop: int) -> np.ndarray:
+        """[stop - start, K] float32 weight rows: (nibble - zero point) x scale, the kernel's arithmetic."""
+        blocks = -(-self.k // self.block)
         packed = self.b.reshape(self.n, blocks, self.block // 2)[start:stop]
         m = stop - start
-        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(m, blocks, self.block).astype(np.float32)
+        nibbles = np.empty((m, blocks, self.block // 2, 2), np.uint8)  # low nibble first
+        np.bitwise_and(packed, 0x0F, out=nibbles[..., 0])
+        np.right_shift(packed, 4, out=nibbles[..., 1])
+        w = nibbles.reshape(m, blocks, self.block).astype(np.float32)
         if self.zero_points is None:
-            zp = np.full((m, blocks), 8.0, np.float32)
+            w -= np.float32(8.0)
         else:
             zpk = self.zero_points.reshape(self.n, -1)[start:stop]
             zp = np.stack([zpk & 0x0F, zpk >> 4], -1).reshape(m, -1)[:, :blocks].astype(np.float32)
-        scales = self.scales.astype(np.float32).reshape(self.n, blocks)[start:stop]
-        step = np.broadcast_to(np.abs(scales)[..., None], q.shape)
-        w = (q - zp[..., None]) * scales[..., None]
-        return w.reshape(m, blocks * self.block)[:, :self.k], step.reshape(m, blocks * self.block)[:, :self.k]
+            w -= zp[..., None]
+        w *= self.scales.astype(np.float32, copy=False).reshape(self.n, blocks)[start:stop][..., None]
+        return w.reshape(m, blocks * self.block)[:, :self.k]
 
-    def dequantize(self) -> np.ndarray:
-        """The [N, K] float32 weight, a block of rows at a time."""
-        weight = np.empty((self.n, self.k), np.float32)
+    def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The [N, K] float32 weight (into `out` when given), a block of rows at a time."""
+        weight = np.empty((self.n, self.k), np.float32) if out is None else out
         for start, stop in self.chunks():
-            weight[start:stop] = self.rows(start, stop)[0]
+            weight[start:stop] = self.weight_rows(start, stop)
         return weight
 
     def chunks(self):
@@ -171,7 +181,7 @@ def load_into(model, fp32_graph: Path, graph: Path) -> tuple[int, list[str], flo
         steps = max(steps, off)
         for target in targets:
             if target in streamed:
-                stream.overrides[target] = functools.partial(lambda q: torch.from_numpy(q.dequantize()), q)
+                stream.overrides[target] = functools.partial(lambda q, out: q.dequantize(out.numpy()), q)
             else:
                 model.get_submodule(target.rpartition(".")[0]).weight = torch.nn.Parameter(
                     torch.from_numpy(weight), requires_grad=False)
