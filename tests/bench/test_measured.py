@@ -99,3 +99,29 @@ def test_dynamic_vision_timed_against_the_fixed_graph_and_pytorch(qwen25_dynamic
         assert s["patches"] == s["grid_thw"][1] * s["grid_thw"][2] and s["pytorch_ms"] > 0 and s["max_abs_diff"] < 1e-4
     print_vision_dynamic(v)
     assert "dynamic / fixed" in capsys.readouterr().out
+
+
+def test_bench_of_a_built_set_times_it_as_it_is(qwen25_392, work_dirs, tmp_path):
+    """--artifacts DIR --checkpoint CK (how a full-depth build is benched): the set is timed as it is, nothing is
+    built; a path that is not a set is the user's mistake (exit 2, no traceback)."""
+    import subprocess
+    import sys
+
+    from vlmforge.bench.run import ensure_build
+    from vlmforge.recipe import recipes_dir
+
+    directory, source = ensure_build([f"out_dir={work_dirs['out']}", f"cache_dir={work_dirs['cache']}",
+                                      "model=tiny_qwen2_5_vl", "vision=small"], recipes_dir(None))
+    before = sorted(p.name for p in directory.parent.iterdir())
+    out = tmp_path / "bench.json"
+    assert main(["--artifacts", str(directory), "--checkpoint", str(source), "--no-builder", "--repeats", "1",
+                 "--tokens", "4", "--pasts", "8", "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["models"]["artifacts"]
+    assert list(json.loads(out.read_text())["models"]) == ["artifacts"] and entry["directory"] == str(directory)
+    runtime = [r for r in entry["rows"] if r["variant"] == RUNTIME]
+    assert runtime and all(r["step_ms_at_past"]["8"] > 0 and r["precision"] == "fp32" for r in runtime)
+    assert any(r["variant"] == GENAI and r["step_ms_at_past"]["8"] > 0 for r in entry["rows"])
+    assert sorted(p.name for p in directory.parent.iterdir()) == before
+    bad = subprocess.run([sys.executable, "-m", "vlmforge.bench", "--artifacts", str(tmp_path), "--checkpoint",
+                          str(source), "--out", str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not an artifact set" in bad.stderr and "Traceback" not in bad.stderr

@@ -3,5 +3,11 @@
 import sys
 
 from vlmforge.bench.run import main
+from vlmforge.core.errors import VlmforgeError
 
-sys.exit(main())
+try:
+    code = main()
+except VlmforgeError as err:  # the user's mistake: what, where, the fix; no traceback
+    print(err.render(), file=sys.stderr)
+    code = 2
+sys.exit(code)

@@ -194,6 +194,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="a recipe override for every build (repeatable), e.g. --set out_dir=/tmp/a --set cache_dir=/tmp/c")
     ap.add_argument("--skip-vision-672", action="store_true",
                     help="skip the 672 px vision timing of the mid model (and the vision=dynamic one, which needs it)")
+    ap.add_argument("--artifacts", type=Path, default=None, metavar="DIR",
+                    help="bench this built artifact set (e.g. a full-depth build) instead of building the tiny and mid "
+                         "models: decode ms/token at --pasts, bandwidth shares, and the onnxruntime-genai builder's "
+                         "INT4 model of its checkpoint (--checkpoint) side by side")
+    ap.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                    help="with --artifacts: the checkpoint the set was built from (for the builder's model)")
     ap.add_argument("--skip-vision-dynamic", action="store_true",
                     help="skip the vision=dynamic timing of the mid model (vs the 672 px graph and vs PyTorch by size)")
     return ap
@@ -297,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
               "tokens": {"tiny": args.tiny_tokens, "mid": args.tokens}, "repeats": args.repeats, "models": {}}
     print(f"read bandwidth: {bandwidths[0]:.1f} GB/s ({os.cpu_count()} threads, 1 GiB); "
           f"load average {os.getloadavg()[0]:.2f}")
+    if args.artifacts is not None:
+        result["models"]["artifacts"] = _bench_artifacts(args, image, tuple(int(p) for p in args.pasts.split(",") if p),
+                                                         bandwidths, Path(compose(args.set, recipes).cache_dir))
+        return _finish(result, bandwidths, out, t0)
     model_override = [f"model={args.model}"] if args.model else []
     family = get_family(compose(args.set + model_override, recipes).model.family)
     mid = None if args.skip_mid else mid_checkpoint(Path(compose(args.set, recipes).cache_dir), family,
@@ -304,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     s = _Session(args, recipes, family, image, tuple(int(p) for p in args.pasts.split(",") if p), mid, bandwidths)
     for model_name in ("tiny",) + (("mid",) if mid else ()):
         result["models"][model_name] = _bench_one(s, model_name)
+    return _finish(result, bandwidths, out, t0)
+
+
+def _finish(result: dict, bandwidths: list, out: Path, t0: float) -> int:
     result["machine"]["read_bandwidth_gb_s_all"] = bandwidths
     result["machine"]["read_bandwidth_gb_s"] = max(bandwidths)
     result["seconds"] = time.perf_counter() - t0
@@ -311,3 +325,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nread bandwidth measurements (GB/s): {', '.join(f'{b:.1f}' for b in bandwidths)}; shares use the best")
     print(f"wrote {out} ({result['seconds']:.0f} s)")
     return 0
+
+
+def _bench_artifacts(args, image: str, pasts: tuple, bandwidths: list, cache_dir: Path) -> dict:
+    """--artifacts DIR: one built set as it is (nothing rebuilt), with the builder's INT4 model of --checkpoint
+    for an INT4 set. A set or checkpoint that is not there is the user's mistake (exit 2)."""
+    from vlmforge.artifact.manifest import read_manifest
+    from vlmforge.core.errors import InputError
+
+    directory = Path(args.artifacts)
+    if not (directory / "manifest.json").is_file():
+        raise InputError(f"{directory} is not an artifact set (no manifest.json)", where="--artifacts",
+                          fix="pass the directory a build wrote (out_dir/<model>/<precision>-<size>)")
+    if args.checkpoint is None or not (Path(args.checkpoint) / "config.json").is_file():
+        raise InputError(f"--checkpoint {args.checkpoint} is not a checkpoint folder (no config.json)",
+                          where="--checkpoint", fix="pass the checkpoint the set was built from")
+    manifest = read_manifest(directory)
+    decoder = manifest["components"]["decoder"]["precision"]  # the row label the tables and ratios use
+    precision = "int4_mixed" if decoder == "int4" else decoder
+    builder, why = None, ""
+    if precision.startswith("int4") and not args.no_builder:
+        builder, why = genai_builder(Path(args.checkpoint), "int4", cache_dir)
+    rows = bench_model(directory, Path(args.checkpoint), image, precision=precision, tokens=args.tokens,
+                       repeats=args.repeats, pasts=pasts, eager=False, bandwidths=bandwidths, builder=builder,
+                       builder_skip=why)
+    r = ratios(rows, pasts)
+    print_table(f"{manifest['recipe']['model']['name']} ({directory}; decoder {decoder})", rows, pasts)
+    print_ratios(r)
+    return {"directory": str(directory), "rows": [row.to_json() for row in rows], "ratios": r}
