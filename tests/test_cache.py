@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -253,3 +254,33 @@ def test_progress_draws_one_status_line_on_a_terminal_only():
     with Progress(stream=quiet).step("decoder: exporting"):
         time.sleep(0.02)
     assert quiet.getvalue() == ""
+
+
+def test_a_note_names_where_a_long_step_is_on_the_line_or_in_the_log(monkeypatch, caplog):
+    from vlmforge import progress
+
+    tty = _Tty()
+    p = Progress(stream=tty, interval=0.01)
+    with p.step("decoder: exporting"):
+        progress.note("writing weights: layer 3/36")
+        time.sleep(0.05)
+        with p.step("inner"):  # a step inside a step: the same line names it, then the outer
+            time.sleep(0.05)
+            assert [t.name for t in threading.enumerate()].count("vlmforge-progress") == 1
+        time.sleep(0.05)
+    assert "decoder: exporting (writing weights: layer 3/36)" in tty.getvalue()
+    assert "inner" in tty.getvalue() and "decoder: exporting" in tty.getvalue().rpartition("inner")[2]
+    progress.note("outside any step")  # nothing runs: nothing happens
+    caplog.set_level("INFO", logger="vlmforge.progress")
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    with Progress(stream=io.StringIO()).step("validating against PyTorch"):
+        progress.note("reading language_model.layers 1/2")
+        progress.note("reading language_model.layers 2/2")
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlmforge.progress"]
+    assert [m.rsplit(" (", 1)[0] for m in lines] == ["validating against PyTorch: reading language_model.layers 1/2",
+                                                       "validating against PyTorch: reading language_model.layers 2/2"]
+    caplog.clear()
+    monkeypatch.setattr(progress, "LOG_EVERY", 3600.0)  # a short step logs none of its notes
+    with Progress(stream=io.StringIO()).step("validating against PyTorch"):
+        progress.note("reading language_model.layers 1/2")
+    assert not [r for r in caplog.records if r.name == "vlmforge.progress"]

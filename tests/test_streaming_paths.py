@@ -230,14 +230,23 @@ def test_a_streamed_export_writes_the_bytes_of_the_in_memory_export(family, stag
     monkeypatch.setattr(loading, "STAND_IN_MIN_ELEMENTS", 1025)
     if external:
         monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
-    out = {}
+    from vlmforge import progress
+
+    out, notes = {}, []
+    monkeypatch.setattr(progress.Progress, "_note", lambda self, text: notes.append(text))
     for streamed in (False, True):
         path = tmp_path / str(streamed) / f"{stage}.onnx"
-        with loading.stage_model(src, cfg, stage, streamed=streamed) as model:
+        with progress.Progress(enabled=False).step("export"), \
+                loading.stage_model(src, cfg, stage, streamed=streamed) as model:
             stand_ins = loading.active_stand_ins()
             assert (stand_ins is not None and len(stand_ins.entries) >= (10 if stage == "decoder" else 1)) == streamed
             src.family.stage(stage).export(model, _options(src.family), path)
         out[streamed] = _files(path)
+    layers = cfg.text_config.num_hidden_layers  # the progress says which layer's weights are being written
+    if stage == "decoder":
+        assert {f"writing weights: layer {i}/{layers}" for i in range(1, layers + 1)} <= set(notes)
+    else:
+        assert notes and all(n.startswith("writing weights: ") for n in notes)
     assert list(out[True]) == [f"{stage}.onnx", f"{stage}.onnx.data"][:2 if external else 1]
     assert list(out[True]) == list(out[False]) and out[True] == out[False]
     assert loading.active_stand_ins() is None
@@ -250,7 +259,7 @@ def _options(fam):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(family, cache):
+def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(family, cache, monkeypatch):
     """validate.reference=streamed: decoder layers, ViT blocks (and DeepStack mergers) read around their forward
     give the logits of the resident model to the last bit, with an image, and hold no block after a forward."""
     from vlmforge.loading import streamed_model, whole_model
@@ -268,9 +277,16 @@ def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(fa
     ids = torch.tensor([[1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [5, 6, 7]])
     kwargs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
                   mm_token_type_ids=(ids == cfg.image_token_id).long())
-    with torch.no_grad():
+    from vlmforge import progress
+
+    notes = []
+    monkeypatch.setattr(progress.Progress, "_note", lambda self, text: notes.append(text))
+    with torch.no_grad(), progress.Progress(enabled=False).step("reference"):
         a, b = want(**kwargs).logits, got(**kwargs).logits
         again = got(**kwargs).logits  # the second forward reads every block into the buffers the first gave back
+    n = cfg.text_config.num_hidden_layers  # the progress says which block is read
+    assert f"reading language_model.layers {n}/{n}" in notes
+    assert f"reading visual.blocks {cfg.vision_config.depth}/{cfg.vision_config.depth}" in notes
     assert torch.equal(a, b) and torch.equal(a, again)
     assert stream._pool and not stream._owned  # buffers kept for the next forward, none still in a block
     assert all(p.is_meta for prefix in stream.blocks for n, p in got.named_parameters() if n.startswith(prefix))

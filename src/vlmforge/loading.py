@@ -25,6 +25,7 @@ import logging
 from collections import defaultdict
 from typing import Iterator
 
+from vlmforge import progress
 from vlmforge.core.errors import CheckpointError
 from vlmforge.core.memory import give_back
 
@@ -166,6 +167,15 @@ class LayerStream:
                 if any(True for _ in block.parameters()):
                     self.blocks[f"{name}.{i}."] = block
         self._live: dict[str, list[str]] = {}
+        # what the progress line says when a block is read: "language_model.layers 13/36", "visual.blocks 4/32"
+        lists = defaultdict(int)
+        for prefix in self.blocks:
+            lists[prefix.rstrip(".").rpartition(".")[0]] += 1
+        self._notes = {}
+        for prefix in self.blocks:
+            owner, _, i = prefix.rstrip(".").rpartition(".")
+            short = owner.removeprefix("model.")
+            self._notes[prefix] = f"reading {short} {int(i) + 1}/{lists[owner]}"
         # Buffers handed back by released blocks, by (shape, dtype), taken again by the next block of the same
         # shapes (every decoder layer, every ViT block): a forward reads every block, and allocating each block's
         # weights afresh (page faults, then unmapping) took more time than reading and casting them. Holds one
@@ -181,6 +191,7 @@ class LayerStream:
 
         if prefix in self._live:
             return
+        progress.note(self._notes[prefix])
         reads: list = []
         overridden = tuple(n for n in self.overrides if n.startswith(prefix))
         names = materialise(self.model, self.source, (prefix,), self.dtype, transposed=False, index=self.index,

@@ -7,6 +7,7 @@ into a scratch folder and re-saved with `onnx.save` under its final name (field 
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -104,6 +105,7 @@ def save_streamed(program, tmp_file: Path, stand_ins, stage: str) -> None:
     import numpy as np
     import onnx_ir as ir
 
+    layers = 1 + max((int(m.group(1)) for e in stand_ins.entries.values() if (m := _LAYER.search(e[1]))), default=-1)
     for value in program.model.graph.initializers.values():
         view = _view_of(value.const_value)
         if view is None:
@@ -117,14 +119,27 @@ def save_streamed(program, tmp_file: Path, stand_ins, stage: str) -> None:
                                   fix="this is a vlmforge bug: report it with the log")
             continue
         base = found[0]
-        make = functools.partial(_real_view, stand_ins, base, shape, strides, (address - base) // itemsize, value.name)
+        make = functools.partial(_real_view, stand_ins, base, shape, strides, (address - base) // itemsize, value.name,
+                                 _layer_note(found[1][1], layers))
         value.const_value = ir.LazyTensor(make, dtype=value.const_value.dtype, shape=ir.Shape(shape))
     program.save(str(tmp_file), external_data=True)
 
 
-def _real_view(stand_ins, base: int, shape, strides, offset: int, name: str):
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _layer_note(key: str, layers: int) -> str:
+    """What the progress line says while a stand-in's real bytes are written: its decoder layer, or its name."""
+    m = _LAYER.search(key)
+    return f"writing weights: layer {int(m.group(1)) + 1}/{layers}" if m else f"writing weights: {key}"
+
+
+def _real_view(stand_ins, base: int, shape, strides, offset: int, name: str, note: str):
     from torch.onnx._internal.exporter._core import TorchTensor  # what the exporter wraps weights in
 
+    from vlmforge import progress
+
+    progress.note(note)
     return TorchTensor(stand_ins.real(base).as_strided(shape, strides, offset).contiguous(), name)
 
 
