@@ -16,7 +16,13 @@ def test_plan_scales_with_the_model_and_needs_no_model_when_cached(tmp_path):
     assert fp32.peak_rss > fp32.fp32_bytes  # the model plus the exporter's copy
     int4 = make_plan(3_754_622_976, {"vision": "fp16", "embedding": "fp32", "decoder": "int4"}, True, True, 30 * GB,
                      tmp_path)
-    assert int4.target_bytes == fp32.target_bytes  # an upper bound: the FP32 embedding
+    assert int4.target_bytes == fp32.target_bytes  # without stage counts, an upper bound: the FP32 embedding
+    # with them, the set as built (3B: 0.67 B vision, 0.31 B embedding table, 3.09 B decoder with the tied head)
+    stages = {"vision": 669_000_000, "embedding": 311_164_928, "decoder": 3_085_938_688}
+    per_stage = make_plan(3_754_622_976, {"vision": "fp16", "embedding": "fp32", "decoder": "int4"}, True, True,
+                          30 * GB, tmp_path, stage_parameters=stages)
+    assert per_stage.target_bytes == int(669_000_000 * 2 + 311_164_928 * 4 + 3_085_938_688 * 0.6)
+    assert "as built" in per_stage.describe() and per_stage.target_bytes < 0.35 * fp32.target_bytes
     cached = make_plan(3_754_622_976, {"vision": "fp32", "embedding": "fp32", "decoder": "fp32"}, True, False, 0,
                        tmp_path)
     assert cached.peak_rss < 2 * GB  # every stage and the validation cached: no model is loaded
@@ -53,6 +59,11 @@ def test_plan_refuses_a_build_the_machine_cannot_hold_with_the_fix():
     assert "precision=int4_mixed" in text and "validate=off" in text and "memory_check=false" in text
     check_plan(plan, "x", enforce=False)  # memory_check=false: logged, not refused
     check_plan(BuildPlan(1, 4, 4, GB, GB, 20 * GB, 75 * GB), "x")  # fits: nothing raised
+    both = BuildPlan(8_292_000_000, 33 * GB, 33 * GB, 70 * GB, 80 * GB, 20 * GB, 60 * GB, "/data/out")
+    with pytest.raises(ResourceError) as err:  # short of memory and disk: one error names both
+        check_plan(both, "x")
+    assert "70.0 GiB > 20.0 GiB available" in err.value.render()
+    assert "disk is short too: about 80.0 GiB needed on /data/out, 60.0 GiB free" in err.value.render()
 
 
 def test_plan_refuses_a_too_small_or_read_only_output_disk_as_a_file_system_error(tmp_path):
@@ -94,4 +105,7 @@ def test_a_streamed_reference_plans_a_7b_int4_build_inside_24_gb_and_refuses_its
     with pytest.raises(ResourceError) as err:
         check_plan(box, "recipes/build.yaml: model.checkpoint=/models/7b")
     assert "validate.reference=streamed" in err.value.render() and "precision=int4_mixed" in err.value.render()
+    with pytest.raises(ResourceError) as err:  # already streamed: the fix does not offer it again
+        check_plan(fp32.__class__(**{**fp32.__dict__, "memory_available": int(22.6 * GB), "disk_available": None}), "x")
+    assert "validate.reference=streamed" not in err.value.fix and "precision=int4_mixed" in err.value.fix
     check_plan(BuildPlan(params, int4.fp32_bytes, int4.target_bytes, int4.peak_rss, 0, int(22.6 * GB), 75 * GB), "x")

@@ -77,7 +77,7 @@ def _check_plan(b, executor: Executor, recipe: str) -> None:
     missing = executor.missing()
     needs_model = any(n.startswith("export.") or n == "validation" for n in missing)
     plan_ = make_plan(b.parameters, b.precision, b.cfg.validate.enabled, needs_model, b.bytes_needed(), b.final.parent,
-                      b.reference)
+                      b.reference, b.stage_parameters)
     check_plan(plan_, f"{recipe}: model.checkpoint={b.cfg.model.checkpoint}", b.cfg.memory_check)
 
 

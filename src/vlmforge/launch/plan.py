@@ -50,12 +50,13 @@ class BuildPlan:
     disk_available: int | None
     out_dir: str = ""  # the folder the disk figures are for
     read_only: bool = False  # that folder's file system is mounted read-only
+    reference: str = "resident"  # validate.reference the plan is for
 
     def describe(self) -> str:
         avail = f"{_human(self.memory_available)} available" if self.memory_available else "available unknown"
         disk = f"{_human(self.disk_available)} free" if self.disk_available is not None else "free unknown"
         return (f"plan: {self.parameters / 1e9:.3f} B parameters, {_human(self.fp32_bytes)} as FP32, "
-                f"<= {_human(self.target_bytes)} at the target precision; predicted peak memory "
+                f"{_human(self.target_bytes)} as built (each stage at its precision); predicted peak memory "
                 f"{_human(self.peak_rss)} ({avail}), disk {_human(self.disk)} ({disk})")
 
 
@@ -91,10 +92,16 @@ def _free_disk(path: Path) -> int | None:
 
 
 def make_plan(parameters: int, precisions: dict[str, str], validate: bool, needs_model: bool, disk_bytes: int,
-              out_dir: Path, reference: str = "resident") -> BuildPlan:
+              out_dir: Path, reference: str = "resident", stage_parameters: dict | None = None) -> BuildPlan:
+    """`stage_parameters` {stage: parameters its graph holds} makes the target figure the set's weight bytes
+    (a tied table counts in both graphs that hold it); without it, an upper bound: every parameter at the
+    widest precision of the build."""
     fp32 = parameters * 4
     # a transform this table does not know (a new row in vlmforge.transforms) is planned at FP32 size
-    target = int(parameters * max(BYTES_PER_PARAM.get(p, 4.0) for p in precisions.values()))
+    if stage_parameters:
+        target = int(sum(n * BYTES_PER_PARAM.get(precisions.get(s, "fp32"), 4.0) for s, n in stage_parameters.items()))
+    else:
+        target = int(parameters * max(BYTES_PER_PARAM.get(p, 4.0) for p in precisions.values()))
     if reference == "streamed":
         factor = max(FACTOR_STREAMED_EXPORT, FACTOR_STREAMED.get(precisions["decoder"], 1.0) if validate else 0.0)
     else:
@@ -103,7 +110,7 @@ def make_plan(parameters: int, precisions: dict[str, str], validate: bool, needs
             factor = max(factor, 1.0 + FACTOR_INT4)
     peak = BASE_BYTES + (int(fp32 * factor) if needs_model else 0)
     return BuildPlan(parameters, fp32, target, peak, disk_bytes, memory_available(), _free_disk(Path(out_dir)),
-                     str(out_dir), _read_only(Path(out_dir)))
+                     str(out_dir), _read_only(Path(out_dir)), reference)
 
 
 def _read_only(path: Path) -> bool:
@@ -120,19 +127,25 @@ def check_plan(plan: BuildPlan, where: str, enforce: bool = True) -> None:
     """Log the plan; refuse (ResourceError, exit 2) when the predicted peak memory or disk exceeds what the
     machine has. `enforce=False` (recipe key memory_check=false) logs the shortfall and goes on."""
     log.info("%s", plan.describe())
-    _check_disk(plan, enforce)
     if plan.memory_available is None or plan.peak_rss <= plan.memory_available:
+        _check_disk(plan, enforce)
         return
     short = f"predicted peak memory {_human(plan.peak_rss)} > {_human(plan.memory_available)} available"
     if not enforce:
         log.warning("memory_check=false: going on although %s", short)
+        _check_disk(plan, enforce)
         return
+    # both shortfalls in one error: a user who frees the disk should not then learn about the memory
+    disk = ""
+    if plan.disk_available is not None and plan.disk > plan.disk_available:
+        disk = f"; its disk is short too: about {_human(plan.disk)} needed on {plan.out_dir}, {_human(plan.disk_available)} free"
     raise ResourceError(
         f"this machine cannot hold the build: {short} ({plan.parameters / 1e9:.2f} B parameters, "
-        f"{_human(plan.fp32_bytes)} as FP32)", where=where,
+        f"{_human(plan.fp32_bytes)} as FP32){disk}", where=where,
         fix="run on a machine with more memory (or free some), choose a smaller precision (precision=int4_mixed), "
-            "validate against a layer-streamed reference (validate.reference=streamed), export without validation "
-            "(validate=off), or set memory_check=false to try anyway")
+            + ("" if plan.reference == "streamed" else
+               "validate against a layer-streamed reference (validate.reference=streamed), ")
+            + "export without validation (validate=off), or set memory_check=false to try anyway")
 
 
 def _check_disk(plan: BuildPlan, enforce: bool) -> None:
