@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from vlmforge.core.errors import ResourceError
@@ -106,6 +108,6 @@ def test_a_streamed_reference_plans_a_7b_int4_build_inside_24_gb_and_refuses_its
         check_plan(box, "recipes/build.yaml: model.checkpoint=/models/7b")
     assert "validate.reference=streamed" in err.value.render() and "precision=int4_mixed" in err.value.render()
     with pytest.raises(ResourceError) as err:  # already streamed: the fix does not offer it again
-        check_plan(fp32.__class__(**{**fp32.__dict__, "memory_available": int(22.6 * GB), "disk_available": None}), "x")
+        check_plan(dataclasses.replace(fp32, memory_available=int(22.6 * GB), disk_available=None), "x")
     assert "validate.reference=streamed" not in err.value.fix and "precision=int4_mixed" in err.value.fix
     check_plan(BuildPlan(params, int4.fp32_bytes, int4.target_bytes, int4.peak_rss, 0, int(22.6 * GB), 75 * GB), "x")

@@ -123,12 +123,11 @@ class Build:
         """Disk a build of this model needs: the set (each stage at its precision), and, when the stage cache
         shares the file system, the cache: every stage's FP32 export and the transformed graphs. Per stage from
         the parameters it reads (full-depth Qwen2.5-VL-3B int4_mixed: 21.5 GiB measured, 22.1 GiB predicted)."""
-        from vlmforge.launch.plan import BYTES_PER_PARAM
+        from vlmforge.launch.plan import stage_bytes
 
-        counts = self.stage_parameters or {"decoder": self.parameters}
-        at = lambda stage: int(counts.get(stage, 0) * BYTES_PER_PARAM.get(self.precision[stage], 4.0))  # noqa: E731
-        set_bytes = sum(at(s) for s in counts) + (16 << 20)
-        cache = self.parameters * 4 + sum(at(s) for s in counts if self.precision[s] != "fp32")
+        at = stage_bytes(self.stage_parameters or {"decoder": self.parameters}, self.precision)
+        set_bytes = sum(at.values()) + (16 << 20)
+        cache = self.parameters * 4 + sum(n for s, n in at.items() if self.precision[s] != "fp32")
         try:
             same = os.stat(Path(self.cfg.cache_dir)).st_dev == os.stat(self.final.parent).st_dev
         except OSError:

@@ -91,15 +91,20 @@ def _free_disk(path: Path) -> int | None:
     return None
 
 
+def stage_bytes(stage_parameters: dict, precisions: dict[str, str]) -> dict:
+    """{stage: bytes its weights take in the set, at the stage's precision}. A transform this table does not
+    know (a new row in vlmforge.transforms) is planned at FP32 size."""
+    return {s: int(n * BYTES_PER_PARAM.get(precisions.get(s, "fp32"), 4.0)) for s, n in stage_parameters.items()}
+
+
 def make_plan(parameters: int, precisions: dict[str, str], validate: bool, needs_model: bool, disk_bytes: int,
               out_dir: Path, reference: str = "resident", stage_parameters: dict | None = None) -> BuildPlan:
     """`stage_parameters` {stage: parameters its graph holds} makes the target figure the set's weight bytes
     (a tied table counts in both graphs that hold it); without it, an upper bound: every parameter at the
     widest precision of the build."""
     fp32 = parameters * 4
-    # a transform this table does not know (a new row in vlmforge.transforms) is planned at FP32 size
     if stage_parameters:
-        target = int(sum(n * BYTES_PER_PARAM.get(precisions.get(s, "fp32"), 4.0) for s, n in stage_parameters.items()))
+        target = sum(stage_bytes(stage_parameters, precisions).values())
     else:
         target = int(parameters * max(BYTES_PER_PARAM.get(p, 4.0) for p in precisions.values()))
     if reference == "streamed":
@@ -127,12 +132,12 @@ def check_plan(plan: BuildPlan, where: str, enforce: bool = True) -> None:
     """Log the plan; refuse (ResourceError, exit 2) when the predicted peak memory or disk exceeds what the
     machine has. `enforce=False` (recipe key memory_check=false) logs the shortfall and goes on."""
     log.info("%s", plan.describe())
-    if plan.memory_available is None or plan.peak_rss <= plan.memory_available:
-        _check_disk(plan, enforce)
-        return
-    short = f"predicted peak memory {_human(plan.peak_rss)} > {_human(plan.memory_available)} available"
-    if not enforce:
-        log.warning("memory_check=false: going on although %s", short)
+    short = None
+    if plan.memory_available is not None and plan.peak_rss > plan.memory_available:
+        short = f"predicted peak memory {_human(plan.peak_rss)} > {_human(plan.memory_available)} available"
+    if short is None or not enforce:
+        if short:
+            log.warning("memory_check=false: going on although %s", short)
         _check_disk(plan, enforce)
         return
     # both shortfalls in one error: a user who frees the disk should not then learn about the memory
