@@ -2,7 +2,8 @@
 each build in its own process (its own rusage), one after another in one run.
 
     python scripts/peer_builds.py --checkpoint CK --mobius /path/to/venv/bin/mobius          (FP32, validate=off)
-    python scripts/peer_builds.py --checkpoint CK --genai-builder --precision int4_mixed --validate on
+    python scripts/peer_builds.py --checkpoint CK --genai-builder --precision int4_mixed --validate on \
+        --vision large validate.weights=random
 
 - vlmforge: `vlmforge export model=RECIPE model.checkpoint=CK precision=P validate=...` from an empty cache.
 - mobius (`mobius build --config CK --ep cpu --dtype f32`, PyPI mobius-onnx in a venv of its own, given by
@@ -30,7 +31,7 @@ def rows(args, work: Path) -> list[dict]:
     vlm = work / "vlmforge"
     cmd = [sys.executable, "-m", "vlmforge.cli", "export", f"model={args.recipe}", f"model.checkpoint={args.checkpoint}",
            f"precision={args.precision}", f"vision={args.vision}", f"validate={'standard' if args.validate == 'on' else 'off'}",
-           f"out_dir={vlm / 'out'}", f"cache_dir={vlm / 'cache'}"]
+           f"out_dir={vlm / 'out'}", f"cache_dir={vlm / 'cache'}", *args.overrides]
     out.append(("vlmforge", cmd, vlm / "out", vlm / "out.log"))
     if args.mobius and base == "fp32":
         mob = work / "mobius"
@@ -62,6 +63,8 @@ def main() -> int:
     p.add_argument("--genai-builder", action="store_true")
     p.add_argument("--work", default=str(REPO / ".work" / "peer-builds"))
     p.add_argument("--keep", action="store_true")
+    p.add_argument("overrides", nargs="*", help="more recipe overrides for the vlmforge build "
+                                                 "(e.g. validate.weights=random on a random-weight checkpoint)")
     args = p.parse_args()
     work = Path(args.work)
     if work.is_symlink() or (work.exists() and (not work.is_dir() or any(work.iterdir()))):
