@@ -293,6 +293,50 @@ def test_the_layer_streamed_reference_computes_the_resident_model_bit_for_bit(fa
     assert not any(p.is_meta for n, p in got.named_parameters() if not n.startswith(tuple(stream.blocks)))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_reference_runs_the_vision_tower_once_per_image_and_state(family, cache):
+    """HF's forward takes pixel_values, so the prefill and every decode step of the reference ran the (layer-streamed)
+    vision tower again: its outputs are now kept by their inputs. Same logits as a model without the memo, the
+    tower read once for two forwards, again after forget_vision(); a changed state (DeepStack off) recomputes it."""
+    from vlmforge.loading import streamed_model, whole_model
+    from vlmforge.registry import get_family
+    from vlmforge.validators.reference import Reference
+    from vlmforge.validators.suite import _model_state
+
+    src, cfg = _source(f"fixture:{family}", family, cache)
+    fresh = whole_model(src, cfg)
+    ref = Reference(family, streamed_model(src, cfg), src.path, None)
+    reads = []
+    ref.model.model.visual.blocks[0].register_forward_pre_hook(lambda *a: reads.append(1))
+    vc = cfg.vision_config
+    grid = torch.tensor([[1, 4, 4]])
+    pixels = torch.randn(16, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         generator=torch.Generator().manual_seed(0))
+    ids = np.asarray([[1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * (16 // vc.spatial_merge_size ** 2)
+                      + [5, 6, 7]], np.int64)
+    mask = np.ones_like(ids)
+
+    def want():
+        with torch.no_grad():
+            return fresh(input_ids=torch.from_numpy(ids), pixel_values=pixels, image_grid_thw=grid,
+                         mm_token_type_ids=torch.from_numpy((ids == cfg.image_token_id).astype(np.int64))).logits.numpy()
+
+    on = want()
+    first, second = ref.logits(ids, mask, pixels, grid), ref.logits(ids, mask, pixels, grid)
+    assert np.array_equal(first, on) and np.array_equal(second, on) and len(reads) == 1
+    ref.forget_vision()
+    assert np.array_equal(ref.logits(ids, mask, pixels, grid), on) and len(reads) == 2
+    off_hook = get_family(family).deepstack_off
+    if off_hook is not None:  # Qwen3-VL: DeepStack off changes the tower's outputs; the state scope forgets them
+        with off_hook(fresh):
+            off = want()
+        assert not np.array_equal(off, on)
+        with _model_state(SimpleNamespace(deepstack_off=off_hook), ref, deepstack_off=True):
+            assert np.array_equal(ref.logits(ids, mask, pixels, grid), off)
+        with _model_state(SimpleNamespace(deepstack_off=off_hook), ref, deepstack_off=False):
+            assert np.array_equal(ref.logits(ids, mask, pixels, grid), on)
+
+
 def test_an_int4_build_validated_against_the_streamed_reference_passes_the_same_checks(work_dirs):
     """int4_mixed on the tiny Qwen2.5-VL, validated twice from the same graphs: with the resident reference and the
     layer-streamed one (the INT4 same-weight check then dequantizes each decoder layer's weights when the layer is

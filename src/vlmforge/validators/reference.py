@@ -6,6 +6,9 @@ Inputs are real: images through the HF image processor, prompts through the chec
 
 from __future__ import annotations
 
+import copy
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,17 @@ import torch
 from vlmforge.registry import get_family
 from vlmforge.host import prompt as P
 from vlmforge.host.image import ImageParams
+
+
+def _memo_key(args, kwargs) -> tuple:
+    """The identity of a vision call's inputs: each tensor by shape, dtype and a digest of its bytes."""
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().contiguous().cpu().reshape(-1)
+            return ("tensor", tuple(v.shape), str(t.dtype), hashlib.blake2b(t.view(torch.uint8).numpy()).hexdigest())
+        return ("value", repr(v))
+
+    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
 
 
 def grid_tokens(grid_thw, merge_size: int) -> list[int]:
@@ -34,11 +48,44 @@ class Reference:
         self.image_processor = getattr(transformers, family.image.processor_class).from_pretrained(str(source_path))
         self._reference_vision = family.reference_vision
         self.eos = hf_model.generation_config.eos_token_id  # kept: the graph pass runs after release()
+        self._vision_memo: OrderedDict = OrderedDict()
+        self._memoize_vision()
+
+    # The reference runs the vision tower on the same pixels many times: the features themselves, then HF's full
+    # forward (which takes pixel_values) for the prefill and again for every decode step (use_cache off), HF
+    # generate, the versus-FP32 prefill and the same-weight pass. A layer-streamed tower reads its 32 blocks
+    # from the checkpoint on each of those calls (minutes at real size). The tower's outputs are kept by its
+    # inputs and handed back as copies: the values a second call would compute, without computing them. What
+    # changes the tower (its weights, DeepStack off) must call forget_vision().
+    VISION_MEMO_ENTRIES = 8
+
+    def _memoize_vision(self) -> None:
+        visual = getattr(getattr(self.model, "model", self.model), "visual", None)
+        if visual is None:
+            return
+        compute = visual.forward
+
+        def forward(*args, **kwargs):
+            key = _memo_key(args, kwargs)
+            if key in self._vision_memo:
+                self._vision_memo.move_to_end(key)
+            else:
+                self._vision_memo[key] = compute(*args, **kwargs)
+                while len(self._vision_memo) > self.VISION_MEMO_ENTRIES:
+                    self._vision_memo.popitem(last=False)
+            return copy.deepcopy(self._vision_memo[key])
+
+        visual.forward = forward
+
+    def forget_vision(self) -> None:
+        """Drop the kept vision outputs: the tower's weights or behaviour are about to change."""
+        self._vision_memo.clear()
 
     def release(self) -> None:
         """Drop the model: what stays (tokenizer, image processor, config) is what the graph pass needs.
         The caller drops its own reference too; the memory returns at the next garbage collection."""
         self.model = None
+        self._vision_memo.clear()
 
     # -- inputs -----------------------------------------------------------------------------------
     def hf_pixels(self, image) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,20 +118,33 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
     ref = Reference(inp.family_key, load_model(), source_path, inp.params)
     try:
         log.info("reference pass: PyTorch on the validation inputs")
-        with (inp.deepstack_off(ref.model) if inp.deepstack_off else contextlib.nullcontext()):
+        with _model_state(inp, ref, deepstack_off=True):
             refs = _references(inp, ref, vcfg, images)
-        if inp.deepstack_off:
-            refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
-        if _decoder_versus_pytorch(inp):
-            refs.fp32_prefill = _fp32_prefill(ref, vcfg, images)
+        with _model_state(inp, ref, deepstack_off=False):
+            if inp.deepstack_off:
+                refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
+            if _decoder_versus_pytorch(inp):
+                refs.fp32_prefill = _fp32_prefill(ref, vcfg, images)
         if inp.fp32_directory is not None and "int4" in inp.precisions.values():  # last: it changes the weights
-            with (inp.deepstack_off(ref.model) if inp.deepstack_off else contextlib.nullcontext()):
+            with _model_state(inp, ref, deepstack_off=True):
                 refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
     finally:
         ref.release()
         give_back()
     log.info("reference pass done in %.1f s; PyTorch model freed (%s)", time.perf_counter() - t, rss_note())
     return ref, refs
+
+
+@contextlib.contextmanager
+def _model_state(inp: SuiteInputs, ref: Reference, deepstack_off: bool):
+    """The model as a group of references needs it: DeepStack off (`deepstack_off` and a drop variant) or as it
+    is. The reference's kept vision outputs start and end empty: the tower's outputs depend on that state."""
+    ref.forget_vision()
+    try:
+        with (inp.deepstack_off(ref.model) if deepstack_off and inp.deepstack_off else contextlib.nullcontext()):
+            yield
+    finally:
+        ref.forget_vision()
 
 
 def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
@@ -172,6 +185,7 @@ def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> d
     out: dict = {"loaded": {}}
     for stage in (s for s, p in inp.precisions.items() if p == "int4"):
         out["loaded"][stage] = load_into(ref.model, inp.fp32_directory / f"{stage}.onnx", inp.directory / f"{stage}.onnx")
+    ref.forget_vision()  # the vision outputs kept so far were computed with the FP32 weights
     log.info("reference: PyTorch with the INT4 graphs' weights (%s; %s)", ", ".join(out["loaded"]), rss_note())
     vision = parity.reference_vision(ref, images[:1])
     if inp.precisions["vision"] == "int4":
