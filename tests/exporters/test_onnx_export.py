@@ -116,3 +116,27 @@ def test_export_module_refuses_inputs_that_are_not_the_contracts(tmp_path):
                         output_names=["y"], stage="vision", contract=contract)
     assert err.value.where == str(tmp_path / "vision.onnx") and "bug" in err.value.fix
     assert not (tmp_path / "vision.onnx").exists()
+
+
+@pytest.mark.parametrize("stage", ["vision", "decoder"])
+def test_the_exporters_optimizer_gives_the_graph_of_onnxscripts_own(tmp_path, monkeypatch, stage):
+    """optimize_graph is onnxscript's optimizer (what torch.onnx runs with optimize=True) less the rewrite rules
+    in SKIPPED_REWRITES, with its own pass list: the tiny Qwen2.5-VL vision and decoder stages come out as the
+    same bytes either way, so a skipped rule never applied and the pass list has not drifted from onnxscript's."""
+    from onnxscript._framework_apis import torch_2_8
+
+    from vlmforge.build.nodes import StageOptions
+    from vlmforge.families.qwen2_5_vl.fixture import build_model
+    from vlmforge.registry import get_family
+
+    fam, model = get_family("qwen2_5_vl"), build_model(seed=0)
+    options = StageOptions(image_size=fam.default_sizes[0] if stage == "vision" else None, deepstack=False)
+    files = {}
+    for which in ("vlmforge", "onnxscript"):
+        if which == "onnxscript":
+            monkeypatch.setattr(X, "optimize_graph", lambda model, stand_ins=None: torch_2_8.optimize(model) and set())
+        path = tmp_path / which / f"{stage}.onnx"
+        fam.stage(stage).export(model, options, path)
+        files[which] = {p.name: p.read_bytes() for p in sorted(path.parent.iterdir())}
+    assert list(files["vlmforge"]) == [f"{stage}.onnx"] and files["vlmforge"] == files["onnxscript"]
+    assert any(getattr(r, "name", None) in X.SKIPPED_REWRITES for r in __import__("onnxscript").rewriter._DEFAULT_REWRITE_RULES)

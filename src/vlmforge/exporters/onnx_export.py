@@ -7,6 +7,7 @@ into a scratch folder and re-saved with `onnx.save` under its final name (field 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 import warnings
@@ -46,23 +47,24 @@ def export_module(
     stand_ins = active_stand_ins()
     streamed = stand_ins is not None and bool(stand_ins.entries)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
-        tmp_file = Path(tmp) / "model.onnx"
+        tmp_file = Path(tmp) / out_path.name  # its weights in `<name>.data` beside it, as the set names them
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
                     module,
                     args,
-                    None if streamed else str(tmp_file),
+                    None,
                     input_names=list(input_names),
                     output_names=list(output_names),
                     dynamic_shapes=dynamic_shapes,
                     opset_version=opset,
                     dynamo=True,
                     external_data=True,
-                    optimize=True,
+                    optimize=False,  # optimize_graph below, then saved here (as torch.onnx would save it)
                     verbose=False,
                 )
+                folded = optimize_graph(program.model, stand_ins if streamed else None)
         except Exception as exc:  # torch raises many types here; re-raise as one user-facing error
             _forget_trace()
             oserr = as_os_error(exc)
@@ -75,37 +77,123 @@ def export_module(
                 where=str(out_path),
                 fix="this is a vlmforge bug for supported checkpoints; re-run with -v and report the log",
             ) from exc
-        if streamed:  # the stand-ins' real values, from the checkpoint, one tensor at a time
-            try:
-                save_streamed(program, tmp_file, stand_ins, stage)
-            except OSError as exc:
-                raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
+        try:
+            if streamed:  # the stand-ins' real values, from the checkpoint, one tensor at a time
+                save_streamed(program, tmp_file, stand_ins, stage, folded)
+            else:
+                save_program(program, tmp_file)
+        except OSError as exc:
+            raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
         del program
-        # The structure only (a few MB at any size): names and dims are fixed on it, and the weights are
-        # copied from the exporter's data file into `<stage>.onnx.data` one tensor at a time, in the layout
-        # `save_model` gives a loaded model (same bytes), never as one in-memory proto.
+        # The structure only (a few MB at any size): names and dims are fixed on it, never as one in-memory
+        # proto with the weights. A small graph is written as one file; a large one keeps the exporter's data
+        # file as it is (moved, not copied: the weights are written once).
         _forget_trace()
-        from vlmforge.transforms.external import load_structure, save_like_onnx
+        from vlmforge.transforms.external import load_structure, save_like_onnx, save_structure, structure_bytes
 
-        model = load_structure(tmp_file)
+        model = normalize_model(load_structure(tmp_file))
         if contract is not None:
             _check_input_names(model, contract, out_path)
             stamp_contract_dims(model, contract)
-        save_like_onnx(normalize_model(model), tmp_file, out_path, EXTERNAL_DATA_THRESHOLD, consume=True)
+        try:
+            if structure_bytes(model, tmp_file) <= EXTERNAL_DATA_THRESHOLD:
+                save_like_onnx(model, tmp_file, out_path, EXTERNAL_DATA_THRESHOLD, consume=True)
+            else:
+                save_structure(model, tmp_file)
+                data = tmp_file.with_name(tmp_file.name + ".data")
+                os.replace(data, out_path.with_name(data.name))
+                os.replace(tmp_file, out_path)
+        except OSError as exc:
+            raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
     return out_path
 
 
-def save_streamed(program, tmp_file: Path, stand_ins, stage: str) -> None:
+def save_program(program, path: Path) -> None:
+    """Save an exported program as torch.onnx does (onnx_ir's writer, weights in `<name>.data`), except that
+    tensors under 1 KiB stay in the graph (as `onnx.save_model` leaves them), not 4-byte scalars in the data
+    file."""
+    import onnx_ir as ir
+
+    ir.save(program.model, str(path), external_data=path.name + ".data", size_threshold_bytes=1024)
+
+
+# onnxscript rewrite rules left out of the exporter's optimizer: SlicesSplit (two Slices of one tensor into a Split)
+# never applies to these graphs (rotate_half slices to the end, not to the last dimension's size) and its
+# two-output pattern search was 6.8 s of each pass over the 32-block Qwen2.5-VL-3B vision graph (two passes: 14 s
+# of its 48 s export); the graphs are the same bytes without it.
+SKIPPED_REWRITES = ("SlicesSplit",)
+
+
+def optimize_graph(model, stand_ins=None) -> set[str]:
+    """What `torch.onnx.export(optimize=True)` runs (onnxscript's `optimize_ir`, then its ONNX fusions), in place,
+    with two differences: the rewrite rules are onnxscript's defaults less SKIPPED_REWRITES, and in a streamed
+    export (`stand_ins`) no value is computed from a stand-in's meaningless bytes. Constant folding reads no input
+    of STAND_IN_MIN_ELEMENTS or more (the exporter's own limit, 8192 elements, is below the default minimum; a
+    lower minimum lowers it with it), and a node reading a stand-in is never folded, except a Transpose (always
+    folded, into a view of its input): returns the names of those Transposes' outputs, which save_streamed
+    checks are views of a stand-in. The pass list is `optimize_ir`'s (onnxscript 0.7, pinned)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding as folding
+    from onnxscript.rewriter import onnx_fusions
+
+    rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if getattr(r, "name", None) not in SKIPPED_REWRITES]
+    limit = min(folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT, _stand_in_min() - 1)
+    transposed: set[str] = set()
+
+    def should_fold(node):
+        if stand_ins is None or not any(_reads_stand_in(v, stand_ins) for v in node.inputs if v is not None):
+            return None  # onnxscript's own rules
+        if node.domain in ("", "ai.onnx") and node.op_type == "Transpose":
+            transposed.update(o.name for o in node.outputs)
+            return None
+        return False
+    passes = ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager(
+            [
+                folding.FoldConstantsPass(shape_inference=True, input_size_limit=limit,
+                                          output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                          should_fold=should_fold),
+                rewriter.RewritePass(rules),
+                common.RemoveUnusedNodesPass(),
+                common.RemoveUnusedFunctionsPass(),
+                common.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )
+    passes(model)
+    onnx_fusions.fuse(model)
+    return transposed
+
+
+def _reads_stand_in(value, stand_ins) -> bool:
+    view = _view_of(value.const_value) if value.const_value is not None else None
+    return view is not None and stand_ins.find(view[0]) is not None
+
+
+def save_streamed(program, tmp_file: Path, stand_ins, stage: str, transposed: set[str] = frozenset()) -> None:
     """Save an exported program whose large weights are stand-ins (vlmforge.loading.StandIns) as torch.onnx saves
     any program, except that every initializer viewing a stand-in's buffer is a lazy tensor: the bytes that view
     has of the real tensor, read from the checkpoint, cast and laid out as a materialised stage would be, computed
-    when the writer reaches it and dropped after. Same files as the in-memory export; memory: one tensor."""
+    when the writer reaches it and dropped after. Same files as the in-memory export; memory: one tensor.
+    No other initializer holds a stand-in's bytes (optimize_graph folds nothing that reads one but Transposes);
+    a folded Transpose of a stand-in (`transposed`) that is not a view of it would, and is refused."""
     import functools
 
-    import numpy as np
     import onnx_ir as ir
 
-    layers = 1 + max((int(m.group(1)) for e in stand_ins.entries.values() if (m := _LAYER.search(e[1]))), default=-1)
+    counts = _block_counts(e[1] for e in stand_ins.entries.values())
     for value in program.model.graph.initializers.values():
         view = _view_of(value.const_value)
         if view is None:
@@ -113,25 +201,38 @@ def save_streamed(program, tmp_file: Path, stand_ins, stage: str) -> None:
         address, shape, strides, itemsize = view
         found = stand_ins.find(address)
         if found is None:
-            if int(np.prod(shape)) >= _stand_in_min():
-                raise ExportError(f"the streamed {stage or 'stage'} export has a large initializer {value.name!r} "
-                                  "that is not a checkpoint tensor", where=str(tmp_file),
-                                  fix="this is a vlmforge bug: report it with the log")
+            if value.name in transposed:
+                raise ExportError(f"the streamed {stage or 'stage'} export folded a Transpose of a checkpoint tensor "
+                                  f"into a copy ({value.name!r}), not a view of it", where=str(tmp_file),
+                                  fix="this is a vlmforge bug (an onnxscript that folds differently?): report it")
             continue
         base = found[0]
         make = functools.partial(_real_view, stand_ins, base, shape, strides, (address - base) // itemsize, value.name,
-                                 _layer_note(found[1][1], layers))
+                                 _layer_note(found[1][1], counts))
         value.const_value = ir.LazyTensor(make, dtype=value.const_value.dtype, shape=ir.Shape(shape))
-    program.save(str(tmp_file), external_data=True)
+    save_program(program, tmp_file)
 
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_BLOCK = re.compile(r"\.(layers|blocks)\.(\d+)\.")  # a decoder layer's / a ViT block's parameter
+_KIND = {"layers": "layer", "blocks": "block"}
 
 
-def _layer_note(key: str, layers: int) -> str:
-    """What the progress line says while a stand-in's real bytes are written: its decoder layer, or its name."""
-    m = _LAYER.search(key)
-    return f"writing weights: layer {int(m.group(1)) + 1}/{layers}" if m else f"writing weights: {key}"
+def _block_counts(keys) -> dict[str, int]:
+    """How many decoder layers / ViT blocks the checkpoint keys name ({"layers": 36}, {"blocks": 32})."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        if m := _BLOCK.search(key):
+            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
+    return counts
+
+
+def _layer_note(key: str, counts: dict[str, int]) -> str:
+    """What the progress line says while a stand-in's real bytes are written: its decoder layer or ViT block,
+    or its name."""
+    m = _BLOCK.search(key)
+    if m is None:
+        return f"writing weights: {key}"
+    return f"writing weights: {_KIND[m.group(1)]} {int(m.group(2)) + 1}/{counts[m.group(1)]}"
 
 
 def _real_view(stand_ins, base: int, shape, strides, offset: int, name: str, note: str):
@@ -140,7 +241,7 @@ def _real_view(stand_ins, base: int, shape, strides, offset: int, name: str, not
     from vlmforge import progress
 
     progress.note(note)
-    return TorchTensor(stand_ins.real(base).as_strided(shape, strides, offset).contiguous(), name)
+    return TorchTensor(stand_ins.view(base, shape, strides, offset), name)
 
 
 def _stand_in_min() -> int:
@@ -173,25 +274,25 @@ def _forget_trace() -> None:
     last stage's through the whole validation; measured at Qwen2.5-VL-3B widths, 2 layers: 2.1 GiB):
     - torch.export's map from fake tensors to the traced graph's nodes (whose `meta["val"]` are the real
       weights): torch clears it when the next trace starts, not when one ends;
-    - onnxscript's rewrite rules (module globals, run by `optimize=True`): each pattern matcher keeps the
+    - onnxscript's rewrite rules (module globals, run by optimize_graph): each pattern matcher keeps the
       graph, node and bindings of its last match, and that graph's initializers wrap the parameters. The
-      matcher sets all three again at the start of every match."""
-    import gc
-
+      matcher sets all three again at the start of every match.
+    Only the rules optimize_graph runs are visited (a scan of every live object for matchers took 2-3 s per
+    stage at 3B widths)."""
     from torch.fx.experimental import proxy_tensor
 
     held = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
     if isinstance(held, dict):
         held.clear()
     try:
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
-    except ImportError:  # another onnxscript layout: nothing known to clear
+        from onnxscript import rewriter
+    except ImportError:  # no onnxscript: nothing ran, nothing to clear
         return
-    for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
-            for attr in ("_graph", "_match", "_current_node", "_tracer"):
-                if attr in obj.__dict__:
-                    setattr(obj, attr, None)
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        matcher = getattr(rule, "_matcher", None)
+        for attr in ("_graph", "_match", "_current_node", "_tracer"):
+            if matcher is not None and attr in getattr(matcher, "__dict__", {}):
+                setattr(matcher, attr, None)
 
 
 def save_model(model: onnx.ModelProto, out_path: Path) -> Path:
