@@ -217,16 +217,21 @@ def test_the_validation_reference_model_is_from_pretrained_bit_for_bit(family, c
 
 
 @pytest.mark.parametrize("family,stage,external", [("qwen2_5_vl", "decoder", True), ("qwen3_vl", "decoder", False),
-                                                   ("qwen3_vl", "embedding", True)])
+                                                   ("qwen3_vl", "embedding", True), ("qwen2_5_vl", "vision", True),
+                                                   ("qwen3_vl", "vision", False), ("qwen3_vl", "vision-dynamic", True)])
 def test_a_streamed_export_writes_the_bytes_of_the_in_memory_export(family, stage, external, cache, tmp_path,
                                                                     monkeypatch):
     """A stage traced over stand-ins (uninitialised buffers, never resident) with each weight written from the
     checkpoint at save time gives the files of the export from materialised weights, with the weights inline
     and in external data. Every weight matrix is a stand-in here (the limit is lowered to reach the tiny
-    fixtures' 64-wide matrices): the folded Transposes and Qwen3-VL's DeepStack decoder included."""
+    fixtures' 64-wide matrices): the folded Transposes, Qwen3-VL's DeepStack decoder, its DeepStack mergers and
+    the position table its vision stages resample (fixed and dynamic grids) included."""
     import vlmforge.loading as loading
 
     src, cfg = _source(f"fixture:{family}", family, cache)
+    dynamic = stage == "vision-dynamic"
+    stage = stage.removesuffix("-dynamic")
+    options = _options(src.family, stage, dynamic)
     monkeypatch.setattr(loading, "STAND_IN_MIN_ELEMENTS", 1025)
     if external:
         monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -240,11 +245,14 @@ def test_a_streamed_export_writes_the_bytes_of_the_in_memory_export(family, stag
                 loading.stage_model(src, cfg, stage, streamed=streamed) as model:
             stand_ins = loading.active_stand_ins()
             assert (stand_ins is not None and len(stand_ins.entries) >= (10 if stage == "decoder" else 1)) == streamed
-            src.family.stage(stage).export(model, _options(src.family), path)
+            src.family.stage(stage, dynamic=dynamic).export(model, options, path)
         out[streamed] = _files(path)
-    layers = cfg.text_config.num_hidden_layers  # the progress says which layer's weights are being written
+    layers = cfg.text_config.num_hidden_layers  # the progress says which layer's / block's weights are written
+    blocks = cfg.vision_config.depth
     if stage == "decoder":
         assert {f"writing weights: layer {i}/{layers}" for i in range(1, layers + 1)} <= set(notes)
+    elif stage == "vision":
+        assert {f"writing weights: block {i}/{blocks}" for i in range(1, blocks + 1)} <= set(notes)
     else:
         assert notes and all(n.startswith("writing weights: ") for n in notes)
     assert list(out[True]) == [f"{stage}.onnx", f"{stage}.onnx.data"][:2 if external else 1]
@@ -252,10 +260,12 @@ def test_a_streamed_export_writes_the_bytes_of_the_in_memory_export(family, stag
     assert loading.active_stand_ins() is None
 
 
-def _options(fam):
+def _options(fam, stage: str = "decoder", dynamic: bool = False):
     from vlmforge.build.nodes import StageOptions
 
-    return StageOptions(image_size=None, deepstack=fam.key == "qwen3_vl")
+    if stage == "vision" and dynamic:
+        return StageOptions(image_size=None, deepstack=fam.key == "qwen3_vl", min_pixels=64 * 64, max_pixels=128 * 128)
+    return StageOptions(image_size=fam.default_sizes[0] if stage == "vision" else None, deepstack=fam.key == "qwen3_vl")
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])

@@ -60,9 +60,11 @@ def stage_spec(b, stage: str):
 
 
 # Stages exported with their large weights streamed from the checkpoint (vlmforge.loading.StandIns): the graph
-# structure is traced over stand-ins and each weight is written from its checkpoint tensor alone. Not vision: a
-# family's vision module may compute from its weights while it is built (resampled position tables).
-STREAMED = ("embedding", "decoder")
+# structure is traced over stand-ins and each weight is written from its checkpoint tensor alone. Every stage:
+# the families' export modules compute from their weights only inside the graph (the position tables' resampling
+# is a Gather of the table), so no value of a stand-in is read while the module is built or traced, and a large
+# initializer that is not a checkpoint tensor fails the export (exporters.onnx_export.save_streamed).
+STREAMED = ("vision", "embedding", "decoder")
 
 
 # -- graphs ----------------------------------------------------------------------------------------------------------
