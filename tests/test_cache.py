@@ -67,6 +67,40 @@ def test_every_kind_of_damage_is_detected(tmp_path, damage):
     assert cache.lookup("fam", "decoder", key) is None and not entry.path.exists()
 
 
+def test_a_copy_into_the_set_is_hashed_as_written_checked_against_its_entry_and_stoppable(tmp_path, monkeypatch):
+    """materialize copies chunk by chunk and returns each copy's sha256 and stamp, which the manifest uses for
+    files not rewritten since (hash_files re-reads one whose stamp changed); a cache file changed after its
+    entry was verified makes the copy an error, not a set with the wrong bytes; a set stop event ends the copy
+    between chunks (a failing build's background copy)."""
+    import hashlib
+
+    from vlmforge.artifact.manifest import hash_files
+    from vlmforge.core.errors import ArtifactError
+
+    monkeypatch.setattr(C, "COPY_CHUNK", 7)  # several chunks per file
+    data = bytes(range(200)) * 3
+    entry, _ = C.StageCache(tmp_path / "cache").get_or_build("fam", "decoder", "ef" * 32, {},
+                                                              _write("decoder.onnx", data))
+    staged = entry.materialize(tmp_path / "set")
+    want = hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "set" / "decoder.onnx").read_bytes() == data and staged["decoder.onnx"]["sha256"] == want
+    assert hash_files(tmp_path / "set", staged) == {"decoder.onnx": {"sha256": want, "bytes": len(data)}}
+    # a forged known hash is used only while the file's stamp is the one recorded when it was hashed
+    forged = {"decoder.onnx": {**staged["decoder.onnx"], "sha256": "0" * 64}}
+    assert hash_files(tmp_path / "set", forged)["decoder.onnx"]["sha256"] == "0" * 64
+    (tmp_path / "set" / "decoder.onnx").write_bytes(data[::-1])
+    assert hash_files(tmp_path / "set", forged)["decoder.onnx"]["sha256"] == hashlib.sha256(data[::-1]).hexdigest()
+
+    (entry.path / "decoder.onnx").write_bytes(data[:-1] + b"X")  # changed after the entry was verified
+    with pytest.raises(ArtifactError, match="differs from its cache entry") as err:
+        entry.materialize(tmp_path / "set2")
+    assert err.value.where == str(entry.path / "decoder.onnx") and "FORCE=1" in err.value.fix
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(C.CopyStopped):
+        entry.materialize(tmp_path / "set3", stop=stop)
+
+
 def test_a_failed_fill_leaves_no_entry_and_no_temp_folder(tmp_path):
     cache = C.StageCache(tmp_path)
 

@@ -18,7 +18,7 @@ import jsonschema
 
 from vlmforge import __version__
 from vlmforge.core.errors import ArtifactError
-from vlmforge.core.hashing import sha256_file
+from vlmforge.core.hashing import file_stamp, sha256_file
 from vlmforge.core.paths import check_relative, confine, open_regular, scan_tree
 
 MANIFEST = "manifest.json"
@@ -51,15 +51,26 @@ def toolchain() -> dict:
     return {"python": platform.python_version(), "packages": packages}
 
 
-def hash_files(directory: Path) -> dict[str, dict]:
+def hash_files(directory: Path, known: dict | None = None) -> dict[str, dict]:
     """{relative posix path: {sha256, bytes}} for every file but the manifest, sorted. Only for folders the
-    build made itself: a link or special file there is a bug, never something to describe."""
+    build made itself: a link or special file there is a bug, never something to describe. `known`: {path:
+    {sha256, bytes, stat}} of files hashed as they were written (build.cache.Entry.materialize); such a file
+    whose stamp (core.hashing.file_stamp) is still the same is not read again."""
     files, odd = scan_tree(directory)
     if odd:
         raise ArtifactError(f"the staging folder holds links or special files {odd}", where=str(directory),
                             fix="this is a vlmforge bug: builds write regular files only")
-    return {rel: {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
-            for rel in files if rel != MANIFEST}
+    known = known or {}
+    out = {}
+    for rel in files:
+        if rel == MANIFEST:
+            continue
+        seen = known.get(rel)
+        if seen is not None and seen.get("stat") == file_stamp(directory / rel):
+            out[rel] = {"sha256": seen["sha256"], "bytes": seen["bytes"]}
+        else:
+            out[rel] = {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+    return out
 
 
 def validate_manifest(data: dict, where: str) -> None:

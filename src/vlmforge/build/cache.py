@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vlmforge.core.hashing import sha256_file
+from vlmforge.core.errors import ArtifactError
+from vlmforge.core.hashing import file_stamp, sha256_file
 from vlmforge.core.workdirs import _host, owner_tag, pid_alive, remove_stale, tag_is_stale  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,16 @@ class Entry:
     def short(self) -> str:
         return self.key[:12]
 
-    def materialize(self, dst: Path, link: bool = False) -> None:
-        """Copy the entry's files into `dst`. `link=True` hardlinks where it can: only for scratch folders
-        nobody edits (a hardlinked artifact file edited by a user would change the cache entry too)."""
+    def materialize(self, dst: Path, link: bool = False, stop=None) -> dict[str, dict]:
+        """Copy the entry's files into `dst`; returns {name: {"sha256", "bytes", "stat"}} of the copies, hashed
+        while they were written (and checked against the entry: a copy that differs is an error), with the
+        copy's (size, mtime_ns, inode) for a later reader to tell the file is still the one hashed.
+        `link=True` hardlinks where it can: only for scratch folders nobody edits (a hardlinked artifact file
+        edited by a user would change the cache entry too, and onnx refuses external data with several
+        links); linked files are not hashed again (empty result for them). `stop` (a threading.Event): set,
+        the copy gives up between chunks (raises CopyStopped)."""
         dst.mkdir(parents=True, exist_ok=True)
+        out_files: dict[str, dict] = {}
         for name in self.files:
             src, out = self.path / name, dst / name
             if out.exists():
@@ -70,8 +77,39 @@ class Entry:
                     continue
                 except OSError:
                     pass
-            shutil.copyfile(src, out)
+            sha = _copy_hashed(src, out, stop)
             os.chmod(out, 0o644)
+            if sha != self.files[name]["sha256"]:
+                raise ArtifactError(f"the copy of {name} differs from its cache entry (sha256 {sha[:12]}, the "
+                                    f"entry says {self.files[name]['sha256'][:12]})", where=str(src),
+                                    fix="the cache entry changed while it was copied: build again (FORCE=1 rebuilds)")
+            st = out.stat()
+            out_files[name] = {"sha256": sha, "bytes": st.st_size, "stat": file_stamp(out)}
+        return out_files
+
+
+COPY_CHUNK = 8 << 20
+
+
+class CopyStopped(Exception):
+    """A background copy was told to stop (the build is failing or was interrupted)."""
+
+
+def _copy_hashed(src: Path, out: Path, stop=None) -> str:
+    """Copy `src` (a regular file, never followed) to a new file `out`, chunk by chunk; the sha256 of the bytes
+    written. hashlib and the file writes release the GIL, so a copy in a thread runs beside the next stage."""
+    from vlmforge.core.paths import open_regular
+
+    h = hashlib.sha256()
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    with open_regular(src) as fi, open(out, "xb") as fo:
+        while n := fi.readinto(view):
+            if stop is not None and stop.is_set():
+                raise CopyStopped(str(src))
+            h.update(view[:n])
+            fo.write(view[:n])
+    return h.hexdigest()
 
 
 class Corrupted(Exception):

@@ -11,6 +11,7 @@ config and hashes, nothing more.
 from __future__ import annotations
 
 import logging
+import threading
 
 from vlmforge.build.cache import Entry, StageCache
 from vlmforge.build.plan import Build, Node, key_inputs, node_keys
@@ -37,6 +38,9 @@ class Executor:
         self.ran: set[str] = set()  # nodes whose work ran in this build
         self._entries: dict[str, Entry] = {}
         self._in_scratch: set[str] = set()
+        self._pool = None  # the background copier into staging, started by the first copy
+        self._copies: list = []  # its pending copies (futures of Entry.materialize)
+        self._stop = threading.Event()
 
     def missing(self) -> list[str]:
         """The cached nodes with no entry in the cache (or all of them under --force): what this build will
@@ -49,9 +53,15 @@ class Executor:
         """Run every node whose output the set needs (scratch-only nodes run when a dependent needs them);
         return name -> record (also kept in build.records, where later nodes read them)."""
         b = self.build
-        for node in self.nodes.values():
-            if node.output != "scratch":
-                b.records[node.name] = self._node(node)
+        try:
+            for node in self.nodes.values():
+                if node.output == "none":  # reads or describes the staged set: every copy into it first
+                    self._settle()
+                if node.output != "scratch":
+                    b.records[node.name] = self._node(node)
+            self._settle()
+        finally:
+            self._stop_copies()
         return b.records
 
     def _node(self, node: Node) -> dict:
@@ -60,9 +70,35 @@ class Executor:
             self.ran.add(node.name)
             return node.run(self.build, node, self.build.staging)
         record, entry = self._cached(node)
-        if node.output == "set":
-            entry.materialize(self.build.staging)
+        if node.output == "set":  # copied (and hashed) into staging in the background, beside the next node
+            self._copies.append(self._copier().submit(entry.materialize, self.build.staging, stop=self._stop))
         return record
+
+    # -- copies into staging ------------------------------------------------------------------------------------
+    # A stage's files go from its cache entry into the staged set in a thread while the next stage exports (the
+    # copy and its sha256 release the GIL): at Qwen2.5-VL-3B widths, 2 layers, the copies were 11 s and the
+    # manifest's hashing of the copies 5 s of a 96 s build, all on the main thread. The hashes computed while
+    # copying are the manifest's (Build.staged), for files whose (size, mtime, inode) did not change since.
+    def _copier(self):
+        if self._pool is None:
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmforge-copy")
+        return self._pool
+
+    def _settle(self) -> None:
+        """Wait for the copies into staging; the first one that failed raises here."""
+        while self._copies:
+            self.build.staged.update(self._copies.pop(0).result())
+
+    def _stop_copies(self) -> None:
+        """Copies still running stop between chunks (a failed or interrupted build); wait for them, so nothing
+        writes into staging once this returns (the caller removes it)."""
+        if self._pool is None:
+            return
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._copies = None, []
 
     def _cached(self, node: Node) -> tuple[dict, Entry | None]:
         """(record, entry) from the cache, or after running `node` into a new entry; a record its node does

@@ -214,7 +214,7 @@ def manifest(b, node, staging: Path) -> dict:
             where=str(failed_dir / VALIDATION_FILE),
             fix="inspect the failing stage; tolerances live in recipes/validate/*.yaml (never loosen them to pass)",
         )
-    data = _manifest(b.cfg, b.family.key, b.source, b.final_contracts, b.params, checks, staging)
+    data = _manifest(b.cfg, b.family.key, b.source, b.final_contracts, b.params, checks, staging, b.staged)
     for stage in STAGES:
         record = b.records.get(f"transform.{stage}.{b.precision[stage]}")
         if record is not None:
@@ -228,7 +228,7 @@ def manifest(b, node, staging: Path) -> dict:
     return data
 
 
-def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path) -> dict:
+def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path, known: dict | None = None) -> dict:
     comps = {}
     for stage, c in contracts.items():
         comp = {"file": f"{stage}.onnx", "precision": getattr(cfg.precision, stage), **c.to_json()}
@@ -248,7 +248,7 @@ def _manifest(cfg, family_key, source, contracts, params, checks, staging: Path)
         "recipe": {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "cache_dir", "memory_check")},  # where it ran is not what it is
         "toolchain": toolchain(),
         "components": comps,
-        "files": hash_files(staging),
+        "files": hash_files(staging, known),
         "token_ids": mc,
         "validation": {"passed": all(c.passed for c in checks) and bool(checks), "checks": [c.to_json() for c in checks]},
     }

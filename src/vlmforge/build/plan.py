@@ -90,6 +90,7 @@ class Build:
     records: dict = field(default_factory=dict)  # node name -> record, as the executor produces them
     params: object = None  # the image parameters (host.image.ImageParams), set by runtime_configs
     checks: tuple | None = None  # (checks, variant) of a validation that ran in this build
+    staged: dict = field(default_factory=dict)  # staged file -> {sha256, bytes, stat}: hashed as it was copied
     _model: object = None
     model_loaded: bool = False  # the whole PyTorch model was loaded in this build (for validation)
 

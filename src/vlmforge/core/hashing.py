@@ -10,6 +10,7 @@ the resolved path.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from vlmforge.core.errors import ArtifactError, VlmforgeError
@@ -25,3 +26,10 @@ def sha256_file(path: Path, chunk: int = CHUNK, error: type[VlmforgeError] = Art
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_stamp(path: Path) -> list[int]:
+    """[size, mtime_ns, inode] of a file (not followed): equal stamps, the file was not rewritten or replaced
+    since it was hashed."""
+    st = os.lstat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
