@@ -209,3 +209,35 @@ def test_cli_writes_public_fixture_and_refuses_misuse(tmp_path, capsys):
     assert "qwen2_5_vl_3b" in err and "Traceback" not in err
     assert main(["fixture", "qwen3_vl_4b", str(tmp_path / "v"), "--vision-layers", "99"]) == 2
     assert "outside 1..24" in capsys.readouterr().err and not (tmp_path / "v").exists()
+
+
+def test_prefetched_shard_hashes_are_used_only_for_the_very_file_they_were_started_on(written, tmp_path):
+    """A build starts hashing the checkpoint's shards beside its imports (source.prefetch_weight_hashes);
+    open_source takes those digests for files whose path, size, mtime and inode did not change, and hashes a
+    replaced shard again. A folder that is not a local checkpoint starts nothing."""
+    import shutil
+
+    from vlmforge import source as S
+
+    folder = tmp_path / "ck"
+    shutil.copytree(written["qwen2_5_vl_3b"], folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) >= 2
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+    S.prefetch_weight_hashes(str(folder))
+    started = {k: v for k, v in S._PREFETCH.items() if k.startswith(str(folder.resolve()))}
+    assert len(started) == len(shards)
+    for job in started.values():
+        job["done"].wait()
+        job["sha256"] = "0" * 64  # stand-in result: proves open_source takes the prefetched digest
+    data = shards[0].read_bytes()
+    shards[0].unlink()
+    shards[0].write_bytes(data)  # same bytes, a new file: its prefetched digest must not be taken
+    src = S.open_source(str(folder), "qwen2_5_vl", None, tmp_path / "cache", "test")
+    assert src.weight_files[shards[0].name] == want[shards[0].name]
+    assert all(src.weight_files[p.name] == "0" * 64 for p in shards[1:])
+    assert not any(k.startswith(str(folder.resolve())) for k in S._PREFETCH)  # taken once, then gone
+    before = dict(S._PREFETCH)
+    S.prefetch_weight_hashes("fixture:qwen2_5_vl")
+    S.prefetch_weight_hashes(str(tmp_path / "missing"))
+    assert S._PREFETCH == before

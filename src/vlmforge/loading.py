@@ -126,7 +126,10 @@ class StandIns:
             self._read_buf = torch.empty(size, dtype=torch.uint8)
         with open(file, "rb") as fh:
             tensor = _read(fh, entry, start, alloc=lambda shape, dtype: self._read_buf[:shape[0]])
-        real.copy_(tensor.t() if transposed else tensor)
+        if transposed:
+            copy_transposed(real, tensor)
+        else:
+            real.copy_(tensor)
 
 
 def whole_model(source, hf_config, dtype: str = "float32"):
@@ -353,7 +356,7 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                     # Stored transposed ([in, out]) and handed over as its transpose view: the exporter folds
                     # the MatMul's Transpose(weight) into a view of this buffer, not a second copy (same bytes).
                     buf = torch.empty(want[::-1], dtype=target)
-                    buf.copy_(tensor.t())
+                    copy_transposed(buf, tensor)
                     param = torch.nn.Parameter(buf.t(), requires_grad=False)
                 elif alloc is not None:
                     buf = alloc(want, target)
@@ -366,6 +369,16 @@ def materialise(model, source, prefixes: tuple[str, ...] | None, dtype: str = "f
                     _set(model, n, param)
                 done += names
     return done
+
+
+TRANSPOSE_ROWS = 256
+
+
+def copy_transposed(dst, src) -> None:
+    """dst[:] = src.t() (and cast), in bands of TRANSPOSE_ROWS rows of `src`: torch's strided copy of a whole
+    transposed matrix missed the cache on every element (the tied 151936 x 2048 head: 2.42 s, in bands 0.57 s)."""
+    for j in range(0, src.shape[0], TRANSPOSE_ROWS):
+        dst[:, j:j + TRANSPOSE_ROWS].copy_(src[j:j + TRANSPOSE_ROWS].t())
 
 
 def _numel(shape) -> int:

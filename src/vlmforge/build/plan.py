@@ -203,11 +203,18 @@ def load_hf_config(source, trust_remote_code: bool = False):
 
 
 # -- the nodes -------------------------------------------------------------------------------------------------------
+# The stages in the order they are built: each one's files are copied into the set in the background while the next
+# one exports (build.execute), so the last copy is the one nothing runs beside: the embedding's, the smallest set
+# file of every family and precision (the decoder's is the largest from 4 layers on, the 32-block vision tower's
+# before that).
+BUILD_ORDER = ("decoder", "vision", "embedding")
+
+
 def plan(b: Build) -> list[Node]:
     """The nodes of the build `b`, dependencies first."""
     tools, src = toolchain(), source_inputs(b.source)
     out, finals = [], {}
-    for stage in STAGES:
+    for stage in sorted(STAGES, key=BUILD_ORDER.index):
         precision = b.precision[stage]
         out.append(_export_node(b, stage, src, tools, N.export, behind=precision != "fp32"))
         if precision != "fp32":

@@ -18,7 +18,7 @@ from vlmforge.config import BuildConfig, resolve_image_size
 from vlmforge.core.errors import RecipeError, VlmforgeError, as_os_error, from_os_error
 from vlmforge.progress import QUIET, Progress
 from vlmforge.registry import STAGES, get_family
-from vlmforge.source import open_source
+from vlmforge.source import open_source, prefetch_weight_hashes
 from vlmforge.transforms import TRANSFORMS
 from vlmforge.validators.results import CheckResult
 
@@ -48,6 +48,7 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool 
     """Build one artifact set. `force` ignores (and replaces) every cache entry; `progress` draws the live
     status line (default: none, log lines only)."""
     t0 = time.perf_counter()
+    prefetch_weight_hashes(cfg.model.checkpoint)  # beside the imports _open makes (source.py)
     b, nodes = _open(cfg, recipe, progress or QUIET, check=True)
     executor = Executor(b, nodes, StageCache(Path(cfg.cache_dir), force))
     b.timings["load"] = time.perf_counter() - t0
