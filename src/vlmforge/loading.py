@@ -99,9 +99,9 @@ class StandIns:
     def view(self, base: int, shape, strides, offset: int):
         """The real values behind the stand-in at `base` (the checkpoint tensor cast, and transposed, as
         `materialise` lays it out) seen through `as_strided(shape, strides, offset)`, contiguous, in memory of
-        the pool: its buffer is used
-        for the next tensor of the same shape once nothing holds the returned tensor (a finalizer gives it
-        back), so the writer, one initializer at a time, touches one buffer per shape instead of fresh memory."""
+        the pool: its buffer is used for the next tensor of the same shape once nothing holds the returned
+        tensor (a finalizer gives it back), so the writer, one initializer at a time, touches one buffer per
+        shape instead of fresh memory."""
         import weakref
 
         buf = self.entries[base][4]

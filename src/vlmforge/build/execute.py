@@ -53,10 +53,13 @@ class Executor:
         """Run every node whose output the set needs (scratch-only nodes run when a dependent needs them);
         return name -> record (also kept in build.records, where later nodes read them)."""
         b = self.build
+        self._stop = threading.Event()
         try:
             for node in self.nodes.values():
                 if node.output == "none":  # reads or describes the staged set: every copy into it first
                     self._settle()
+                else:  # a copy that failed (a full disk) fails the build now, not at the end
+                    self._reap()
                 if node.output != "scratch":
                     b.records[node.name] = self._node(node)
             self._settle()
@@ -89,6 +92,11 @@ class Executor:
     def _settle(self) -> None:
         """Wait for the copies into staging; the first one that failed raises here."""
         while self._copies:
+            self.build.staged.update(self._copies.pop(0).result())
+
+    def _reap(self) -> None:
+        """Take the results of the copies that are done; the first one that failed raises here."""
+        while self._copies and self._copies[0].done():
             self.build.staged.update(self._copies.pop(0).result())
 
     def _stop_copies(self) -> None:

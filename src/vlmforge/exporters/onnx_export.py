@@ -1,7 +1,11 @@
 """Family-agnostic export mechanics: torch.onnx (dynamo) -> one `<stage>.onnx` (+ `.onnx.data`).
 
-The dynamo exporter bakes its own external-data file name into the graph, so the model is exported
-into a scratch folder and re-saved with `onnx.save` under its final name (field notes §6).
+The program is traced with torch.onnx (optimize=False), optimized here (optimize_graph: onnxscript's pass list),
+and saved by onnx_ir into a scratch folder under the stage's final name, so the data file it writes is already
+`<stage>.onnx.data` (the exporter bakes that name into the graph, field notes §6). The structure alone is then
+normalised and stamped with the contract's dims; a large graph's data file is moved next to it as written, a
+small graph is saved as one file. In a streamed stage (vlmforge.loading.StandIns) the weights are traced as
+stand-ins and each one's bytes are read from the checkpoint when the writer reaches it.
 """
 
 from __future__ import annotations
