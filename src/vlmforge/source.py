@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.core.hashing import sha256_file
+from vlmforge.core.hashing import file_stamp, sha256_file
 from vlmforge.core.env import hub_offline
 from vlmforge.core.errors import CheckpointError, VlmforgeError
 from vlmforge.core.paths import confine
@@ -211,8 +211,6 @@ def prefetch_weight_hashes(checkpoint: str) -> None:
     for the same file (path, size, mtime, inode) it was started on."""
     import threading
 
-    from vlmforge.core.hashing import file_stamp
-
     try:
         path = Path(os.path.expanduser(checkpoint))
         if checkpoint.startswith(FIXTURE_PREFIX) or path.is_symlink() or not path.is_dir():
@@ -223,10 +221,10 @@ def prefetch_weight_hashes(checkpoint: str) -> None:
         return
 
     def work(queue: list) -> None:
-        while queue:
+        while True:
             try:
                 real, job = queue.pop(0)
-            except IndexError:
+            except IndexError:  # another worker took the last one
                 return
             try:
                 job["sha256"] = sha256_file(real)
@@ -244,8 +242,6 @@ def prefetch_weight_hashes(checkpoint: str) -> None:
 
 def _prefetched(real: Path) -> str | None:
     """The prefetched sha256 of `real` if it was started on this very file, else None (hash it again)."""
-    from vlmforge.core.hashing import file_stamp
-
     job = _PREFETCH.pop(str(real), None)
     try:
         if job is None or job["stamp"] != file_stamp(real):

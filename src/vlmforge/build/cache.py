@@ -83,8 +83,8 @@ class Entry:
                 raise ArtifactError(f"the copy of {name} differs from its cache entry (sha256 {sha[:12]}, the "
                                     f"entry says {self.files[name]['sha256'][:12]})", where=str(src),
                                     fix="the cache entry changed while it was copied: build again (FORCE=1 rebuilds)")
-            st = out.stat()
-            out_files[name] = {"sha256": sha, "bytes": st.st_size, "stat": file_stamp(out)}
+            stamp = file_stamp(out)
+            out_files[name] = {"sha256": sha, "bytes": stamp[0], "stat": stamp}
         return out_files
 
 

@@ -56,13 +56,12 @@ class Executor:
         self._stop = threading.Event()
         try:
             for node in self.nodes.values():
-                if node.output == "none":  # reads or describes the staged set: every copy into it first
-                    self._settle()
-                else:  # a copy that failed (a full disk) fails the build now, not at the end
-                    self._reap()
+                # a node reading or describing the staged set waits for every copy into it; before any other,
+                # a copy that failed (a full disk) fails the build now, not at the end
+                self._take_copies(wait=node.output == "none")
                 if node.output != "scratch":
                     b.records[node.name] = self._node(node)
-            self._settle()
+            self._take_copies(wait=True)
         finally:
             self._stop_copies()
         return b.records
@@ -89,14 +88,10 @@ class Executor:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmforge-copy")
         return self._pool
 
-    def _settle(self) -> None:
-        """Wait for the copies into staging; the first one that failed raises here."""
-        while self._copies:
-            self.build.staged.update(self._copies.pop(0).result())
-
-    def _reap(self) -> None:
-        """Take the results of the copies that are done; the first one that failed raises here."""
-        while self._copies and self._copies[0].done():
+    def _take_copies(self, wait: bool) -> None:
+        """Take the results of the copies into staging that are done (`wait`: of all of them, waiting); the first
+        one that failed raises here."""
+        while self._copies and (wait or self._copies[0].done()):
             self.build.staged.update(self._copies.pop(0).result())
 
     def _stop_copies(self) -> None:

@@ -62,8 +62,8 @@ def stage_spec(b, stage: str):
 # Stages exported with their large weights streamed from the checkpoint (vlmforge.loading.StandIns): the graph
 # structure is traced over stand-ins and each weight is written from its checkpoint tensor alone. Every stage:
 # the families' export modules compute from their weights only inside the graph (the position tables' resampling
-# is a Gather of the table), so no value of a stand-in is read while the module is built or traced, and a large
-# initializer that is not a checkpoint tensor fails the export (exporters.onnx_export.save_streamed).
+# is a Gather of the table), so no value of a stand-in is read while the module is built or traced, and constant
+# folding never computes from one (exporters.onnx_export.optimize_graph).
 STREAMED = ("vision", "embedding", "decoder")
 
 

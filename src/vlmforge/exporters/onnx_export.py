@@ -81,26 +81,23 @@ def export_module(
                 where=str(out_path),
                 fix="this is a vlmforge bug for supported checkpoints; re-run with -v and report the log",
             ) from exc
+        from vlmforge.transforms.external import initializer_bytes, load_structure, save_like_onnx, save_structure
+
         try:
             if streamed:  # the stand-ins' real values, from the checkpoint, one tensor at a time
                 save_streamed(program, tmp_file, stand_ins, stage, folded)
             else:
                 save_program(program, tmp_file)
-        except OSError as exc:
-            raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
-        del program
-        # The structure only (a few MB at any size): names and dims are fixed on it, never as one in-memory
-        # proto with the weights. A small graph is written as one file; a large one keeps the exporter's data
-        # file as it is (moved, not copied: the weights are written once).
-        _forget_trace()
-        from vlmforge.transforms.external import load_structure, save_like_onnx, save_structure, structure_bytes
-
-        model = normalize_model(load_structure(tmp_file))
-        if contract is not None:
-            _check_input_names(model, contract, out_path)
-            stamp_contract_dims(model, contract)
-        try:
-            if structure_bytes(model, tmp_file) <= EXTERNAL_DATA_THRESHOLD:
+            del program
+            # The structure only (a few MB at any size): names and dims are fixed on it, never as one in-memory
+            # proto with the weights. A small graph is written as one file; a large one keeps the exporter's
+            # data file as it is (moved, not copied: the weights are written once).
+            _forget_trace()
+            model = normalize_model(load_structure(tmp_file))
+            if contract is not None:
+                _check_input_names(model, contract, out_path)
+                stamp_contract_dims(model, contract)
+            if initializer_bytes(model, tmp_file) <= EXTERNAL_DATA_THRESHOLD:
                 save_like_onnx(model, tmp_file, out_path, EXTERNAL_DATA_THRESHOLD, consume=True)
             else:
                 save_structure(model, tmp_file)
@@ -153,6 +150,7 @@ def optimize_graph(model, stand_ins=None) -> set[str]:
             transposed.update(o.name for o in node.outputs)
             return None
         return False
+
     passes = ir.passes.Sequential(
         common.InlinePass(),
         ir.passes.PassManager(

@@ -108,7 +108,7 @@ def save_structure(model: onnx.ModelProto, dst: Path) -> Path:
     return Path(dst)
 
 
-def structure_bytes(model: onnx.ModelProto, src: Path) -> int:
+def initializer_bytes(model: onnx.ModelProto, src: Path) -> int:
     """Bytes of the main graph's initializers, inline or in `src`'s data files (what save_like_onnx compares
     with its threshold)."""
     return sum(_nbytes(t, src) for t in model.graph.initializer)
@@ -133,7 +133,7 @@ def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int,
     if data_path.exists():
         data_path.unlink()
     tensors = list(_get_initializer_tensors(model))
-    total = structure_bytes(model, src)  # save_model counts the main graph's
+    total = initializer_bytes(model, src)  # save_model counts the main graph's
     if total <= threshold:  # small: everything inline, as onnx.save_model(model) writes it
         for t in external_tensors(model):
             _inline(t, src)
