@@ -243,6 +243,12 @@ def test_export_interrupted_by_sigint_exits_130_and_leaves_nothing_complete(work
             time.sleep(0.1)
         if proc.poll() is not None or any("interrupted" in ln for ln in lines):
             break  # heard: it is cleaning up (that can take seconds on a busy machine); do not press again
+    if any("interrupted" in ln for ln in lines):  # an impatient user keeps pressing while the interpreter tears down
+        for _ in range(100):
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
     proc.wait(timeout=120)
     reader.join(timeout=30)
     err = "".join(lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from vlmforge.cli import artifacts, build, fixture
@@ -53,5 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(from_os_error(exc, f"running `vlmforge {args.command}`").render(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # The build has cleaned up by now. A second Ctrl-C during the interpreter's teardown (a second or more with
+        # torch loaded; Python puts SIGINT back to its default before it ends) would kill the process by signal
+        # instead of ending it with 130: ignore it for the last steps.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ import gc
 import sys
 
 _trim = None
+_seen_peak_kib = 0  # the highest RSS or VmHWM reported since the last reset_peak(): see peak_kib
 
 
 def give_back() -> None:
@@ -45,10 +46,46 @@ def status_kib(*keys: str) -> tuple[int, ...] | None:
         return None
 
 
+def peak_kib() -> tuple[int, int] | None:
+    """(RSS now, peak) in KiB; None where there is no /proc. The peak never goes down between two calls: Linux's
+    VmHWM is max(recorded high-water mark, RSS now), and the mark is recorded only when pages are unmapped, so
+    RSS that leaves another way (reclaimed file pages of a mapped checkpoint) can make a later VmHWM read lower
+    than an earlier one (seen in CI: 0.65 GiB, then 0.64)."""
+    global _seen_peak_kib
+    kib = status_kib("VmRSS", "VmHWM")
+    if kib is None:
+        return None
+    _seen_peak_kib = max(_seen_peak_kib, *kib)
+    return kib[0], _seen_peak_kib
+
+
+def reset_peak() -> None:
+    """Start a new high-water mark (Linux: writing 5 to clear_refs resets VmHWM), so a matrix cell's peak is its
+    own even in a reused worker."""
+    global _seen_peak_kib
+    _seen_peak_kib = 0
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB since the last reset_peak() (getrusage's, which no reset touches, where
+    there is no /proc)."""
+    kib = peak_kib()
+    if kib is not None:
+        return round(kib[1] / 1024, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def rss_note() -> str:
     """"RSS 3.41 GiB, peak 5.67 GiB": this process's resident memory now and its high-water mark, for the
     build log's phase lines; "" where there is no /proc."""
-    kib = status_kib("VmRSS", "VmHWM")
+    kib = peak_kib()
     if kib is None:
         return ""
     now, peak = (k / (1 << 20) for k in kib)

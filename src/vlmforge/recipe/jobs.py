@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vlmforge.core.errors import VlmforgeError
 from vlmforge.core.logs import quiet_noisy_loggers
+from vlmforge.core.memory import peak_rss_mb, reset_peak
 from vlmforge.recipe.cells import CELL_GROUP, cell_name
 
 log = logging.getLogger("vlmforge")
@@ -44,7 +45,7 @@ class MatrixJob:
         name, log_file, result_file = self.cell(HydraConfig.get().overrides.task)
         mark_started(result_file, name)
         handlers = _cell_logging(name, Path(log_file), self.in_process)
-        _reset_peak_rss()
+        reset_peak()
         t0 = time.perf_counter()
         result = {"cell": name, "status": "FAILED", "log": log_file, "pid": os.getpid(), "started": time.time()}
         try:
@@ -63,7 +64,7 @@ class MatrixJob:
                       str(err).splitlines()[0][:200] if str(err) else "", log_file)
             result.update(status="CRASHED", error=f"{type(err).__name__}: {err}")
         finally:
-            result.update(seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=_peak_rss_mb(), ended=time.time())
+            result.update(seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=peak_rss_mb(), ended=time.time())
             Path(result_file).parent.mkdir(parents=True, exist_ok=True)
             Path(result_file).write_text(json.dumps(result, indent=2) + "\n")
             for h in handlers:
@@ -89,20 +90,3 @@ def _cell_logging(name: str, log_file: Path, in_process: bool) -> list[logging.H
     return handlers
 
 
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so a cell's peak is its own even in a reused worker."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    from vlmforge.core.memory import status_kib
-
-    hwm = status_kib("VmHWM")
-    if hwm is not None:
-        return round(hwm[0] / 1024, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
