@@ -366,7 +366,7 @@ def test_an_int4_build_validated_against_the_streamed_reference_passes_the_same_
     for ref, v in got.items():
         assert v["passed"] and v["reference"] == {"model": "transformers", "dtype": "float32", "weights": ref}
     names = {r: [c["name"] for c in v["checks"]] for r, v in got.items()}
-    assert "prefill logits vs FP32 ONNX" in names["resident"]
+    assert "prefill logits vs FP32 PyTorch (no FP32 decoder graph)" in names["resident"]  # exported straight to INT4
     assert "prefill logits vs FP32 PyTorch (validate.reference=streamed)" in names["streamed"]
     same = [n for n in names["streamed"] if "INT4 weights" in n]
     assert len(same) >= 4  # weights found, their step check, the decoder against its own dequantized weights
@@ -393,3 +393,37 @@ def test_saving_an_export_gives_its_scratch_data_back_tensor_by_tensor(tmp_path,
     save_like_onnx(onnx_export.normalize_model(load_structure(src)), src, new, 0, consume=True)
     assert _files(new) == _files(old)
     assert os.stat(data).st_size > 2 << 20 and os.stat(data).st_blocks < before  # the copied tensors' blocks freed
+
+
+@pytest.mark.parametrize("family,external,cfg", [("qwen2_5_vl", True, 0), ("qwen3_vl", False, 2)],
+                         ids=["qwen2_5_vl-external-default", "qwen3_vl-inline-hqq"])
+def test_a_decoder_exported_straight_to_int4_is_the_quantized_fp32_export(family, external, cfg, cache, tmp_path,
+                                                                           monkeypatch):
+    """The decoder quantized as it is exported (transformed_on_save: its weights read from the checkpoint through the
+    stand-ins, no FP32 graph written) gives the files of the FP32 export quantized afterwards, and records the same
+    source weights; so does a materialised export through the same path (its FP32 graph only in scratch)."""
+    import vlmforge.loading as loading
+    from vlmforge.exporters.onnx_export import transformed_on_save
+    from vlmforge.transforms.quantize_int4 import quantize_int4, quantize_structure
+
+    src, hf = _source(f"fixture:{family}", family, cache)
+    options, cfg = _options(src.family), SimpleNamespace(**CONFIGS[cfg])
+    vocab = hf.text_config.vocab_size
+    monkeypatch.setattr(loading, "STAND_IN_MIN_ELEMENTS", 1025)
+    if external:
+        monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    fp32 = tmp_path / "fp32" / "decoder.onnx"
+    with loading.stage_model(src, hf, "decoder", streamed=True) as model:
+        src.family.stage("decoder").export(model, options, fp32)
+    (tmp_path / "two-step").mkdir()
+    want = quantize_int4(fp32, tmp_path / "two-step" / "decoder.onnx", cfg, vocab=vocab)
+    assert want["quantized_nodes"] >= 8 and len(want["source_weights"]) >= 8
+    for streamed in (True, False):
+        dst = tmp_path / f"fused-{streamed}" / "decoder.onnx"
+        with transformed_on_save(lambda s, data, out: quantize_structure(s, data, out, cfg, vocab=vocab)) as got, \
+                loading.stage_model(src, hf, "decoder", streamed=streamed) as model:
+            assert (loading.active_stand_ins() is not None) == streamed
+            src.family.stage("decoder").export(model, options, dst)
+        assert got == want, streamed
+        assert sorted(p.name for p in dst.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"][:2 if external else 1]
+        assert _files(dst) == _files(tmp_path / "two-step" / "decoder.onnx"), streamed

@@ -45,13 +45,13 @@ def graphs(tmp_path):
     model = _mlp()
     _export(model, tmp_path / "fp32.onnx")
     (tmp_path / "q").mkdir()
-    quantize_int4(tmp_path / "fp32.onnx", tmp_path / "q" / "int4.onnx", INT4)
-    return tmp_path / "fp32.onnx", tmp_path / "q" / "int4.onnx"
+    record = quantize_int4(tmp_path / "fp32.onnx", tmp_path / "q" / "int4.onnx", INT4)
+    return record["source_weights"], tmp_path / "q" / "int4.onnx"
 
 
-def _graph_vs_torch(fp32, int4):
+def _graph_vs_torch(sources, int4):
     model = _mlp()
-    replaced, unmatched, steps = load_into(model, fp32, int4)
+    replaced, unmatched, steps = load_into(model, int4, sources)
     x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
     got = make_session(int4).run(None, {"x": x})[0]
     with torch.no_grad():
@@ -69,22 +69,22 @@ def test_int4_graph_agrees_with_pytorch_on_its_own_weights(graphs):
 
 
 def test_int4_graph_with_permuted_scales_fails_the_weight_check(graphs):
-    fp32, int4 = graphs
+    sources, int4 = graphs
     m = onnx.load(str(int4))
     scales = next(t for t in m.graph.initializer if t.name.endswith("_scales"))
     arr = numpy_helper.to_array(scales).copy()
     arr = arr.reshape(arr.shape[0], -1)[np.random.default_rng(0).permutation(arr.shape[0])].reshape(arr.shape)
     scales.CopyFrom(numpy_helper.from_array(arr, scales.name))
     onnx.save(m, str(int4))
-    _, unmatched, steps, same, _ = _graph_vs_torch(fp32, int4)
+    _, unmatched, steps, same, _ = _graph_vs_torch(sources, int4)
     assert unmatched == []
     assert steps > 1.5  # the gate is 1.001: the build fails
 
 
 def test_int4_weight_not_from_the_model_is_reported_unmatched(graphs):
-    fp32, int4 = graphs
+    sources, int4 = graphs
     other = _mlp(seed=7)  # the same shapes, other weights: nothing matches
-    replaced, unmatched, _ = load_into(other, fp32, int4)
+    replaced, unmatched, _ = load_into(other, int4, sources)
     assert replaced == 0 and sorted(unmatched) == ["val_1", "val_2"]
 
 

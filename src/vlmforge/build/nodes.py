@@ -80,6 +80,35 @@ def export(b, node, folder: Path) -> dict:
     return {"contract": b.contracts[stage].to_json()}
 
 
+def export_transformed(b, node, folder: Path) -> dict:
+    """A stage exported straight to its precision: the transform runs on the export's structure as it is saved
+    (exporters.onnx_export.transformed_on_save), its weights read from the checkpoint (a streamed stage) or from
+    an FP32 graph in the export's own scratch folder; the same bytes as export then transform, without the FP32
+    graph in the cache or the set."""
+    from vlmforge.exporters.onnx_export import transformed_on_save
+
+    stage, precision = node.stage, node.inputs["transform"]["precision"]
+    row = TRANSFORMS[precision]
+    log.info("%s: exporting to %s", node.label, precision)
+    t = time.perf_counter()
+    params = {kw: getattr(b.cfg.precision, key) for kw, key in row.params.items()}
+    facts = {"stage": stage, "vocab": b.hf_config.text_config.vocab_size if stage == "decoder" else None}
+    function = row.resolve_on_export()
+
+    def on_save(structure, src, dst):
+        return function(structure, src, dst, **params, **{k: facts[k] for k in row.context})
+
+    dst = folder / f"{stage}.onnx"
+    with b.progress.step(f"{stage}: exporting to {precision}"), transformed_on_save(on_save) as record, stage_model(
+            b.source, b.hf_config, stage, b.cfg.model.load_dtype, b._model, streamed=stage in STREAMED) as model:
+        stage_spec(b, stage).export(model, stage_options(stage, b.options), dst)
+    b.timings[node.timing] = time.perf_counter() - t
+    record = dict(record)
+    sources = record.pop("source_weights", None)
+    record.update(bytes=graph_bytes(dst), fused_with_export=True)
+    return {"contract": b.contracts[stage].to_json(), "transform": record, "source_weights": sources}
+
+
 def transform(b, node, folder: Path) -> dict:
     """The FP32 graph (put in scratch by the executor) through the table's function, plus the sizes."""
     stage, precision = node.stage, node.inputs["precision"]
@@ -94,7 +123,8 @@ def transform(b, node, folder: Path) -> dict:
     fp32_bytes = graph_bytes(src)
     record.update(fp32_bytes=fp32_bytes, bytes=graph_bytes(dst), size_ratio=round(graph_bytes(dst) / fp32_bytes, 4))
     b.timings[node.timing] = time.perf_counter() - t
-    return {"transform": record}
+    sources = record.pop("source_weights", None)
+    return {"transform": record, "source_weights": sources}
 
 
 def graph_bytes(path: Path) -> int:
@@ -139,9 +169,13 @@ def validation(b, node, folder: Path) -> dict:
     log.info("validating against PyTorch (a reference pass, the model freed, then a graph pass)")
     with b.progress.step("validating against PyTorch"):
         dropped = cfg.model.deepstack == "drop" and family.deepstack_layers(b.hf_config) > 0
+        transformed = any(p != "fp32" for p in b.precision.values())
+        sources = {s: (b.records.get(f"transform.{s}.{p}") or {}).get("source_weights") or {}
+                   for s, p in b.precision.items() if p == "int4"}
         inp = SuiteInputs(family.key, b.staging, b.final_contracts, dict(b.precision), b.params, b.deepstack,
                           tuple(cfg.target.providers), deepstack_off=family.deepstack_off if dropped else None,
-                          fp32_directory=b.scratch if node.scratch else None, reference=b.reference)
+                          fp32_directory=b.scratch if transformed else None, reference=b.reference,
+                          fp32_stages=tuple(d.split(".")[1] for d in node.scratch), source_weights=sources)
         # run_suite takes the model (b.take_model) for its PyTorch pass and frees it before the graph pass
         images = validation_images(cfg.validate, b.options.dynamic, b.options.image_size)
         result = run_suite(inp, b.take_model, b.source.path, cfg.validate, images)

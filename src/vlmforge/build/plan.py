@@ -3,7 +3,9 @@ the code it runs, and the function that does its work (vlmforge.build.nodes). On
 (vlmforge.build.execute); nothing here writes a file or loads a model.
 
     export.<stage>               the FP32 graph of a stage (into the set, or only behind a transform)
-    transform.<stage>.<p>        that graph after transform <p> (transforms.TRANSFORMS[p])
+    transform.<stage>.<p>        that graph after transform <p> (transforms.TRANSFORMS[p]); for a FUSED_STAGES stage
+                                 whose transform can run inside the export, the export and the transform in one
+                                 node (no export.<stage>: its FP32 graph is never written)
     runtime_configs              tokenizer/processor files, genai_config.json, runtime_config.json (every build)
     validation                   the checks of the whole set against PyTorch (cached only when they pass)
     manifest                     the description of the set, validated before it is published (every build)
@@ -14,7 +16,8 @@ it runs (vlmforge.codekey), so a key changes exactly when something the node rea
 * an export: the source (sha256 of every weight file and of config.json), family and stage, the options the
   stage reads (image size for vision only; the DeepStack choice), model.load_dtype / trust_remote_code,
   target.export_device, the toolchain (python and every package version `manifest.toolchain()` records);
-* a transform: its precision, its row of the table and the recipe values that row declares, plus its export;
+* a transform: its precision, its row of the table and the recipe values that row declares, plus its export
+  (a fused one: the export's inputs and code in place of the export's key);
 * runtime configs: the checkpoint's runtime files and the options, plus the stage nodes;
 * validation: validate.*, the images, target.providers, precisions, DeepStack choice, plus every stage node,
   every FP32 export and the runtime configs.
@@ -208,6 +211,11 @@ def load_hf_config(source, trust_remote_code: bool = False):
 # file of every family and precision (the decoder's is the largest from 4 layers on, the 32-block vision tower's
 # before that).
 BUILD_ORDER = ("decoder", "vision", "embedding")
+# Stages whose transform, where its row can run inside the export (Transform.on_export), is applied as the stage is
+# exported: no FP32 graph of them is written. The decoder: the validation compares a transformed decoder with FP32
+# PyTorch, never with an FP32 decoder graph (at 3B widths one is 12 GB to write and read back; a session of it would
+# hold every FP32 weight). The vision and embedding checks run the FP32 graphs behind transformed ones.
+FUSED_STAGES = ("decoder",)
 
 
 def plan(b: Build) -> list[Node]:
@@ -216,11 +224,15 @@ def plan(b: Build) -> list[Node]:
     out, finals = [], {}
     for stage in sorted(STAGES, key=BUILD_ORDER.index):
         precision = b.precision[stage]
-        out.append(_export_node(b, stage, src, tools, N.export, behind=precision != "fp32"))
-        if precision != "fp32":
-            out.append(_transform_node(b, stage, precision, N.transform))
+        export = _export_node(b, stage, src, tools, N.export, behind=precision != "fp32")
+        if precision == "fp32":
+            out.append(export)
+        elif stage in FUSED_STAGES and TRANSFORMS[precision].on_export:
+            out.append(_fused_node(b, export, _transform_node(b, stage, precision, N.transform), N.export_transformed))
+        else:
+            out += [export, _transform_node(b, stage, precision, N.transform)]
         finals[stage] = out[-1].name
-    exports = tuple(f"export.{s}" for s in STAGES)
+    exports = tuple(f"export.{s}" for s in STAGES if any(n.name == f"export.{s}" for n in out))
     runtime = Node("runtime_configs", N.runtime_configs, deps=tuple(finals.values()), slot=None, label="runtime configs",
                    inputs={"kind": "runtime_configs", "family": b.family.key, "source": src,
                            "source_files": runtime_file_hashes(b.source.path), "options": dataclasses.asdict(b.options),
@@ -252,6 +264,16 @@ def _export_node(b: Build, stage: str, src: dict, tools: dict, run: Callable, be
                 timing=f"export.{stage}")
 
 
+def _fused_node(b: Build, export: Node, transform: Node, run: Callable) -> Node:
+    """The export and the transform of a stage as one node: named, slotted and recorded as the transform (the set's
+    graph is the same bytes), keyed on both nodes' inputs and code, with no FP32 export entry behind it."""
+    stage, precision = transform.stage, transform.inputs["precision"]
+    inputs = {"kind": "export_transformed", "export": export.inputs, "transform": transform.inputs}
+    return dataclasses.replace(
+        transform, run=run, inputs=inputs, deps=(), scratch=(), code=f"{export.code}+{transform.code}",
+        done=f"exported to {precision} in {{seconds:.1f}} s (cache {{short}})", timing=f"export.{stage}")
+
+
 def _transform_node(b: Build, stage: str, precision: str, run: Callable) -> Node:
     row = TRANSFORMS[precision]
     row.resolve()  # a typo in the table fails here, before any work (and an outside module is imported: keyed)
@@ -274,7 +296,7 @@ def _validation_node(b: Build, finals: dict, exports: tuple, run: Callable) -> N
     images = {str(p): sha256_file(Path(p).resolve()) for p in cfg.validate.images if Path(p).is_file()}
     inputs = {"kind": "validation", "precision": b.precision, "deepstack": cfg.model.deepstack, "reference": b.reference,
               "validate": dataclasses.asdict(cfg.validate), "images": images, "providers": list(cfg.target.providers)}
-    behind = tuple(f"export.{s}" for s, name in finals.items() if name != f"export.{s}")
+    behind = tuple(f"export.{s}" for s, name in finals.items() if name != f"export.{s}" and f"export.{s}" in exports)
     deps = tuple(dict.fromkeys((*finals.values(), *exports, "runtime_configs")))
     return Node("validation", run, inputs, deps=deps, scratch=behind, slot="validation", output="none",
                 label="validation", code=codekey.validation_code(b.family, family_module(b.family.key)),

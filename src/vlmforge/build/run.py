@@ -63,11 +63,13 @@ def run_build(cfg: BuildConfig, recipe: str = "recipes/build.yaml", force: bool 
 
 def cache_keys(cfg: BuildConfig, recipe: str = "recipes/build.yaml") -> dict:
     """The cache keys a build of `cfg` uses, computed without a model and without writing anything:
-    {"export": {stage: key}, "final": {stage: key}, "validation": key (None when validation is off)}."""
+    {"export": {stage: key of its FP32 export}, "final": {stage: key}, "validation": key (None when validation is
+    off)}. A stage exported straight to its precision (build.plan.FUSED_STAGES) has no FP32 export key."""
     b, nodes = _open(cfg, recipe, QUIET, check=False)
     keys = Executor(b, nodes, StageCache(Path(cfg.cache_dir))).keys
     final = {s: keys[f"export.{s}"] if p == "fp32" else keys[f"transform.{s}.{p}"] for s, p in b.precision.items()}
-    return {"export": {s: keys[f"export.{s}"] for s in STAGES}, "final": final, "validation": keys.get("validation")}
+    exports = {s: keys[f"export.{s}"] for s in STAGES if f"export.{s}" in keys}
+    return {"export": exports, "final": final, "validation": keys.get("validation")}
 
 
 def _check_plan(b, executor: Executor, recipe: str) -> None:

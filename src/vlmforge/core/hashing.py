@@ -33,3 +33,12 @@ def file_stamp(path: Path) -> list[int]:
     since it was hashed."""
     st = os.lstat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def array_sha256(array) -> str:
+    """Hex sha256 of a NumPy array's float32 bytes in C order (copied only if it is not already so): how an INT4
+    transform names the FP32 weight each quantized one came from, and how the validation finds that weight in the
+    PyTorch model (the [K, N] initializer of a Linear is its weight transposed)."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(array, np.float32).data).hexdigest()

@@ -5,11 +5,15 @@ and saved by onnx_ir into a scratch folder under the stage's final name, so the 
 `<stage>.onnx.data` (the exporter bakes that name into the graph, field notes §6). The structure alone is then
 normalised and stamped with the contract's dims; a large graph's data file is moved next to it as written, a
 small graph is saved as one file. In a streamed stage (vlmforge.loading.StandIns) the weights are traced as
-stand-ins and each one's bytes are read from the checkpoint when the writer reaches it.
+stand-ins and each one's bytes are read from the checkpoint when the writer reaches it. Within
+`transformed_on_save`, the graph written is the transform's (a streamed INT4 decoder: quantized from the checkpoint,
+its FP32 graph never written).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
@@ -83,8 +87,12 @@ def export_module(
             ) from exc
         from vlmforge.transforms.external import initializer_bytes, load_structure, save_like_onnx, save_structure
 
+        on_save = _ON_SAVE
         try:
-            if streamed:  # the stand-ins' real values, from the checkpoint, one tensor at a time
+            src, structure = tmp_file, None
+            if streamed and on_save is not None:  # nothing written yet: the transform reads the checkpoint
+                src, structure = unsaved_structure(program, tmp_file, stand_ins, stage, folded)
+            elif streamed:  # the stand-ins' real values, from the checkpoint, one tensor at a time
                 save_streamed(program, tmp_file, stand_ins, stage, folded)
             else:
                 save_program(program, tmp_file)
@@ -93,11 +101,15 @@ def export_module(
             # proto with the weights. A small graph is written as one file; a large one keeps the exporter's
             # data file as it is (moved, not copied: the weights are written once).
             _forget_trace()
-            model = normalize_model(load_structure(tmp_file))
+            model = normalize_model(structure if structure is not None else load_structure(tmp_file))
+            del structure
             if contract is not None:
                 _check_input_names(model, contract, out_path)
                 stamp_contract_dims(model, contract)
-            if initializer_bytes(model, tmp_file) <= EXTERNAL_DATA_THRESHOLD:
+            if on_save is not None:  # the transformed graph is the one written (the FP32 one only in scratch, if at all)
+                function, record = on_save
+                record.update(function(model, src, out_path))
+            elif initializer_bytes(model, tmp_file) <= EXTERNAL_DATA_THRESHOLD:
                 save_like_onnx(model, tmp_file, out_path, EXTERNAL_DATA_THRESHOLD, consume=True)
             else:
                 save_structure(model, tmp_file)
@@ -107,6 +119,26 @@ def export_module(
         except OSError as exc:
             raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
     return out_path
+
+
+_ON_SAVE = None  # (function, record) while exports are saved through a transform (transformed_on_save)
+
+
+@contextlib.contextmanager
+def transformed_on_save(function):
+    """Within it, export_module writes `function(structure, src, out_path)`'s graph instead of the FP32 graph and
+    puts the record it returns into the yielded dict. `structure` is the FP32 graph as a saved one would load
+    (load_structure), normalised, its names and dims checked against the contract; `src` is where its external
+    tensors are read (transforms.external: the FP32 file in scratch, or, for a streamed export, a StandInData: the
+    checkpoint, one tensor at a time). A streamed INT4 decoder is so quantized without its FP32 graph being written
+    (at Qwen2.5-VL-3B widths: 12 GB not written to the disk and read back)."""
+    global _ON_SAVE
+    record: dict = {}
+    _ON_SAVE = (function, record)
+    try:
+        yield record
+    finally:
+        _ON_SAVE = None
 
 
 def save_program(program, path: Path) -> None:
@@ -188,14 +220,54 @@ def save_streamed(program, tmp_file: Path, stand_ins, stage: str, transposed: se
     """Save an exported program whose large weights are stand-ins (vlmforge.loading.StandIns) as torch.onnx saves
     any program, except that every initializer viewing a stand-in's buffer is a lazy tensor: the bytes that view
     has of the real tensor, read from the checkpoint, cast and laid out as a materialised stage would be, computed
-    when the writer reaches it and dropped after. Same files as the in-memory export; memory: one tensor.
-    No other initializer holds a stand-in's bytes (optimize_graph folds nothing that reads one but Transposes);
-    a folded Transpose of a stand-in (`transposed`) that is not a view of it would, and is refused."""
-    import functools
-
+    when the writer reaches it and dropped after. Same files as the in-memory export; memory: one tensor."""
     import onnx_ir as ir
 
+    for value, make in _stand_in_views(program, tmp_file, stand_ins, stage, transposed):
+        value.const_value = ir.LazyTensor(make, dtype=value.const_value.dtype, shape=value.const_value.shape)
+    save_program(program, tmp_file)
+
+
+def unsaved_structure(program, tmp_file: Path, stand_ins, stage: str, transposed: set[str] = frozenset()):
+    """(StandInData, structure) of an exported program whose large weights are stand-ins, nothing written: the
+    structure is the ModelProto save_streamed's file would load as (load_structure), except that each stand-in's
+    view is an external reference into the StandInData (computed from the checkpoint when read) and the other
+    initializers are inline. A transform reads it like a saved FP32 graph (transforms.external takes either)."""
+    import onnx_ir as ir
+
+    from vlmforge.transforms.external import STAND_IN_LOCATION, StandInData
+
+    makers = []
+    for value, make in _stand_in_views(program, tmp_file, stand_ins, stage, transposed):
+        tensor = value.const_value
+        makers.append(functools.partial(_as_array, make))
+        value.const_value = ir.ExternalTensor(STAND_IN_LOCATION, len(makers) - 1, tensor.nbytes, tensor.dtype,
+                                              shape=tensor.shape, name=value.name)
+    return StandInData(makers, tmp_file), ir.serde.serialize_model(program.model)
+
+
+class _Held:
+    """A NumPy array's owner that keeps the torch tensor alive: a pooled stand-in buffer (StandIns.view) goes back
+    to the pool when its tensor's Python object dies, even if a NumPy view of it (`tensor.numpy()`) lives on."""
+
+    def __init__(self, tensor) -> None:
+        self.tensor = tensor
+        self.__array_interface__ = tensor.numpy().__array_interface__
+
+
+def _as_array(make):
+    import numpy as np
+
+    return np.asarray(_Held(make().raw))
+
+
+def _stand_in_views(program, tmp_file: Path, stand_ins, stage: str, transposed: set[str]):
+    """(initializer, function computing its real values as a TorchTensor) for every initializer of the program that
+    views a stand-in's buffer. No other initializer holds a stand-in's bytes (optimize_graph folds nothing that reads
+    one but Transposes); a folded Transpose of a stand-in (`transposed`) that is not a view of it would, and is
+    refused."""
     counts = _block_counts(e[1] for e in stand_ins.entries.values())
+    out = []
     for value in program.model.graph.initializers.values():
         view = _view_of(value.const_value)
         if view is None:
@@ -209,10 +281,9 @@ def save_streamed(program, tmp_file: Path, stand_ins, stage: str, transposed: se
                                   fix="this is a vlmforge bug (an onnxscript that folds differently?): report it")
             continue
         base = found[0]
-        make = functools.partial(_real_view, stand_ins, base, shape, strides, (address - base) // itemsize, value.name,
-                                 _layer_note(found[1][1], counts))
-        value.const_value = ir.LazyTensor(make, dtype=value.const_value.dtype, shape=ir.Shape(shape))
-    save_program(program, tmp_file)
+        out.append((value, functools.partial(_real_view, stand_ins, base, shape, strides, (address - base) // itemsize,
+                                             value.name, _layer_note(found[1][1], counts))))
+    return out
 
 
 _BLOCK = re.compile(r"\.(layers|blocks)\.(\d+)\.")  # a decoder layer's / a ViT block's parameter

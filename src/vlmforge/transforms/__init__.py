@@ -14,6 +14,9 @@ write (external data beside it), `params` the recipe values the row declares (fu
 
     stage  the stage being transformed ("vision", "embedding", "decoder")
     vocab  the vocabulary size for the decoder (its lm_head's output width); None for the other stages
+
+A row with `on_export` can also run inside the export (build.plan fuses it where the validation needs no FP32
+graph of the stage): the FP32 graph is then never written, its weights read from the checkpoint once.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class Transform:
     context: tuple[str, ...] = ()  # names from CONTEXT
     check: str | None = None  # "module:function", called as check(**params, where=...) before any work
     float16_io: str | None = None  # the boolean param that, when true, makes the graph's inputs/outputs float16
+    # "module:function" applying the same transform to an export as it is saved (exporters.onnx_export.
+    # transformed_on_save): function(structure, src, dst, **params, **context), src a saved graph's path or a
+    # streamed export's StandInData; the bytes written are function's (src, dst) ones. None: run after the export.
+    on_export: str | None = None
 
     @property
     def module(self) -> str:
@@ -39,6 +46,9 @@ class Transform:
 
     def resolve(self) -> Callable:
         return resolve(self.function)
+
+    def resolve_on_export(self) -> Callable | None:
+        return resolve(self.on_export) if self.on_export else None
 
     def resolve_check(self) -> Callable | None:
         return resolve(self.check) if self.check else None
@@ -54,5 +64,6 @@ TRANSFORMS: dict[str, Transform] = {
     "fp16": Transform("vlmforge.transforms.cast_fp16:cast_fp16", params={"fp16_io": "fp16_io"},
                       float16_io="fp16_io"),
     "int4": Transform("vlmforge.transforms.quantize_int4:quantize_int4", params={"cfg": "int4"},
-                      context=("vocab", "stage"), check="vlmforge.transforms.quantize_int4:check_int4_config"),
+                      context=("vocab", "stage"), check="vlmforge.transforms.quantize_int4:check_int4_config",
+                      on_export="vlmforge.transforms.quantize_int4:quantize_structure"),
 }

@@ -19,6 +19,10 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from vlmforge.core.errors import ArtifactError
 
 CHUNK_BYTES = 64 << 20
+# The external "location" of a tensor whose bytes are not in any file yet: a checkpoint tensor a streamed export
+# computes when it is read (StandInData). No file has this name (external_file refuses it), so such a reference can
+# never be followed on disk.
+STAND_IN_LOCATION = "<vlmforge stand-in>"
 ALIGN = 4096  # tensors of 1 MiB and more start on a page boundary (mmap-friendly)
 ALIGN_FROM = 1 << 20
 _FIX = "the FP32 stage in the build cache is damaged: rebuild it with FORCE=1 (or `make clean`)"
@@ -33,6 +37,31 @@ def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     from vlmforge.transforms.graph import _tensors
 
     return [t for t in _tensors(model.graph) if uses_external_data(t)]
+
+
+class StandInData:
+    """Where the weights of a graph structure are while a streamed export transforms it before anything is written
+    (exporters.onnx_export.export_module with a transform): tensor i's reference has location STAND_IN_LOCATION and
+    offset i, and `makers[i]()` computes its values from the checkpoint (cast and laid out as the FP32 graph would
+    hold them). Every function here that takes a graph's path (`src`) takes one of these instead: each tensor is
+    computed when it is read and dropped after, as the FP32 data file would have been read one tensor at a time."""
+
+    def __init__(self, makers: list, where: Path) -> None:
+        self.makers, self.where = makers, Path(where)
+
+    def array(self, t: onnx.TensorProto) -> np.ndarray:
+        info = ExternalDataInfo(t)
+        if info.location != STAND_IN_LOCATION:
+            raise ArtifactError(f"tensor {t.name!r} refers to {info.location!r}, not to the export's weights",
+                                where=str(self.where), fix="this is a vlmforge bug: report it")
+        array = self.makers[int(info.offset)]()
+        if tuple(array.shape) != tuple(t.dims) or array.dtype != onnx.helper.tensor_dtype_to_np_dtype(t.data_type):
+            raise ArtifactError(f"tensor {t.name!r}: the checkpoint gives {array.dtype}{list(array.shape)}, the graph "
+                                f"declares {list(t.dims)}", where=str(self.where), fix="this is a vlmforge bug: report it")
+        return array
+
+    def __str__(self) -> str:
+        return str(self.where)
 
 
 def external_file(path: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
@@ -153,7 +182,9 @@ def save_like_onnx(model: onnx.ModelProto, src: Path, dst: Path, threshold: int,
                         _inline(t, src)
                     continue
                 start = out.tell()
-                if external:
+                if external and isinstance(src, StandInData):
+                    out.write(np.ascontiguousarray(src.array(t)).data)
+                elif external:
                     file, offset, _ = external_file(src, t)
                     fh = handles.get(file) or handles.setdefault(file, open(file, "rb+" if consume else "rb"))
                     fh.seek(offset)
@@ -195,7 +226,7 @@ def punch_hole(fh, offset: int, length: int) -> bool:
 
 def _nbytes(t: onnx.TensorProto, src: Path) -> int:
     """Bytes of a tensor's data: its raw_data, its external length, or element size x elements."""
-    if uses_external_data(t):
+    if uses_external_data(t) and not isinstance(src, StandInData):
         file, offset, length = external_file(src, t)
         return length if length is not None else file.stat().st_size - offset
     if t.HasField("raw_data"):
@@ -208,6 +239,11 @@ def _nbytes(t: onnx.TensorProto, src: Path) -> int:
 
 def _inline(t: onnx.TensorProto, src: Path) -> None:
     """Read an external tensor's bytes into raw_data (as onnx.load(load_external_data=True) leaves it)."""
+    if isinstance(src, StandInData):
+        t.raw_data = np.ascontiguousarray(src.array(t)).tobytes()
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+        return
     file, offset, length = external_file(src, t)
     with open(file, "rb") as fh:
         fh.seek(offset)
@@ -226,6 +262,8 @@ def read_array(t: onnx.TensorProto, base: Path):
 
     if not uses_external_data(t):
         return numpy_helper.to_array(t)
+    if isinstance(base, StandInData):
+        return base.array(t)
     file, offset, length = external_file(base, t)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
     n = 1

@@ -11,9 +11,12 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from vlmforge.core.errors import RecipeError
+from vlmforge.core.hashing import array_sha256
 from vlmforge.exporters import onnx_export
 from vlmforge.exporters.onnx_export import normalize_model
 from vlmforge.transforms.external import load_structure, read_array, save_like_onnx
@@ -51,13 +54,28 @@ def quantize_int4(src: Path, dst: Path, cfg, *, vocab: int | None = None, stage:
     each weight is read from the FP32 data file when the quantizer reaches it, and the output is written
     tensor by tensor (transforms.external.save_like_onnx). Memory: the INT4 tensors (1/8 of the FP32
     bytes) and one FP32 weight, never the FP32 graph; the bytes are those of quantizing the loaded graph."""
-    model = load_structure(src)
-    with _weights_from(Path(src)):
+    return quantize_structure(load_structure(src), Path(src), Path(dst), cfg, vocab=vocab, stage=stage)
+
+
+def quantize_structure(model: onnx.ModelProto, src, dst: Path, cfg, *, vocab: int | None = None,
+                       stage: str = "decoder") -> dict:
+    """quantize_int4 of a graph structure whose external tensors are read from `src` (a saved FP32 graph's path, or
+    a streamed export's transforms.external.StandInData: then the FP32 graph is never written). The record keeps,
+    besides what was done, `source_weights`: for each quantized MatMul weight, the sha256 of the FP32 [K, N] weight
+    it came from (core.hashing.array_sha256), by which the validation finds that weight in the PyTorch model."""
+    digests = {t.name: array_sha256(read_array(t, src)) for n, _ in weight_matmuls(model)
+               for t in model.graph.initializer if t.name == n.input[1] and not uses_external_data(t)}
+    with _weights_from(src, digests):
         out, excluded = quantize_model(model, cfg, vocab)
-    # Quantized tensors are in memory, the others still in the FP32 data file.
-    save_like_onnx(normalize_model(out), Path(src), Path(dst), onnx_export.EXTERNAL_DATA_THRESHOLD)
+    # Quantized tensors are in memory, the others still in the FP32 data file (or the checkpoint).
+    save_like_onnx(normalize_model(out), src, Path(dst), onnx_export.EXTERNAL_DATA_THRESHOLD)
     quantized = sorted(n.name for n in out.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
     gathers = [n.name for n in out.graph.node if n.op_type == "GatherBlockQuantized"]
+    sources = {}
+    for n in out.graph.node:
+        name = n.input[1].removesuffix("_Q4") if n.op_type == "MatMulNBits" else None
+        if name in digests:
+            sources[name] = digests[name]
     return {
         "transform": "quantize_int4",
         "stage": stage,
@@ -70,6 +88,7 @@ def quantize_int4(src: Path, dst: Path, cfg, *, vocab: int | None = None, stage:
         "quantized_nodes": len(quantized),
         "embedding_tables_quantized": len(gathers),
         "kept_float": dict(sorted(excluded.items())),
+        "source_weights": dict(sorted(sources.items())),
     }
 
 
@@ -108,25 +127,32 @@ def quantize_model(model: onnx.ModelProto, cfg, vocab: int | None) -> tuple[onnx
 
 
 @contextmanager
-def _weights_from(src: Path):
+def _weights_from(src, digests: dict | None = None):
     """Scoped patch: the quantizer reads each weight with `onnx_ir.from_proto(t).numpy()` (MatMul) or
     `onnx.numpy_helper.to_array(t)` (HQQ, Gather), which for an external tensor resolve its file against the
-    working directory (and onnx refuses the cache's hardlinked files). Read external tensors from `src`'s
-    own folder instead, by offset, one at a time, leaving the tensor a reference: the FP32 weights are never
-    all in memory, only the one being quantized."""
+    working directory (and onnx refuses the cache's hardlinked files). Read external tensors from `src`
+    instead (the graph's own folder, by offset, or a streamed export's StandInData), one at a time, leaving the
+    tensor a reference: the FP32 weights are never all in memory, only the one being quantized. Each float32
+    tensor read is hashed into `digests` (name -> array_sha256) on the way."""
     import onnx_ir
     from onnx import numpy_helper
     from onnx.external_data_helper import uses_external_data
 
     from_proto, to_array = onnx_ir.from_proto, numpy_helper.to_array
 
+    def read(proto):
+        array = read_array(proto, src)
+        if digests is not None and array.dtype == np.float32 and array.ndim == 2:
+            digests[proto.name] = array_sha256(array)
+        return array
+
     def _from_proto(proto, *args, **kwargs):
         if isinstance(proto, onnx.TensorProto) and uses_external_data(proto):
-            return onnx_ir.tensor(read_array(proto, src), name=proto.name)
+            return onnx_ir.tensor(read(proto), name=proto.name)
         return from_proto(proto, *args, **kwargs)
 
     def _to_array(tensor, *args, **kwargs):
-        return read_array(tensor, src) if uses_external_data(tensor) else to_array(tensor, *args, **kwargs)
+        return read(tensor) if uses_external_data(tensor) else to_array(tensor, *args, **kwargs)
 
     onnx_ir.from_proto, numpy_helper.to_array = _from_proto, _to_array
     try:

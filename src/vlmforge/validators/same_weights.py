@@ -11,14 +11,14 @@ two 4-bit values per byte, low nibble first, along K; scales [N * K/block] (or [
 optional zero_points input, 4-bit packed [N, ceil(K/block / 2)] (absent: symmetric, zero point 8).
 W[n, k] = (q - zp) * scale: [N, K], the torch nn.Linear layout.
 
-The quantized graph's weight `<w>_Q4` came from the FP32 graph's initializer `<w>` ([K, N] = W^T); the
-PyTorch Linear it belongs to is found by the exact bytes of that FP32 initializer (a sha256 over W^T), so
-no family naming is read. Tensors are read one at a time from the graphs' external data.
+The quantized graph's weight `<w>_Q4` came from the FP32 initializer `<w>` ([K, N] = W^T); the INT4 transform
+records the sha256 of each such initializer (its record's `source_weights`), and the PyTorch Linear it belongs to
+is the one whose W^T has those bytes, so no family naming is read and no FP32 graph is needed (a streamed INT4
+decoder has none). Tensors are read one at a time from the graph's external data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
+
+from vlmforge.core.hashing import array_sha256
 
 log = logging.getLogger(__name__)
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
@@ -128,10 +130,6 @@ def quantized_weights(graph: Path):
         yield name, QuantizedLinear(b, scales, zp, attrs["K"], attrs["N"], attrs["block_size"])
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, np.float32).data).hexdigest()  # hashed in place, no bytes copy
-
-
 def dequantize_checked(q: QuantizedLinear, original: np.ndarray) -> tuple[np.ndarray, float]:
     """([N, K] dequantized weight, the largest |dequantized - FP32| in quantization steps), block by block of
     rows: besides the result, only one block's temporaries are alive. `original` is the FP32 [K, N] initializer."""
@@ -146,47 +144,53 @@ def dequantize_checked(q: QuantizedLinear, original: np.ndarray) -> tuple[np.nda
     return weight, steps
 
 
-def load_into(model, fp32_graph: Path, graph: Path) -> tuple[int, list[str], float]:
+def load_into(model, graph: Path, sources: dict[str, str]) -> tuple[int, list[str], float]:
     """Replace, in `model`, every Linear weight that `graph` quantized by its dequantized value (a new
-    Parameter per Linear: a tied embedding keeps its float table). Returns (weights replaced, the names of
-    quantized weights no PyTorch Linear matches, the largest |dequantized - FP32| in quantization steps).
+    Parameter per Linear: a tied embedding keeps its float table). `sources`: the FP32 weight name of each
+    quantized one -> the array_sha256 of that FP32 [K, N] weight (the INT4 transform's record); the Linear whose
+    weight, transposed, has those bytes is the one replaced, so no family naming is read and no FP32 graph is
+    needed. Returns (weights replaced, the names of quantized weights no PyTorch Linear matches, the largest
+    |dequantized - FP32| in quantization steps, measured against the matched PyTorch weight).
 
     The last is the weights' own check: round-to-nearest keeps every element within one step (half a step,
     one at the clipped end of the range); scales, zero points or nibbles in the wrong place are several
     steps off, on any weights. The graph check (same weights on both sides) cannot see those.
 
-    A layer-streamed model (vlmforge.loading.streamed_model): a streamed block's weights are matched by reading
-    each block once, and replaced by an override that dequantizes the packed INT4 weight (kept, 1/8 of the FP32
-    bytes) whenever the block is read: the dequantized weights are never all in memory."""
+    A layer-streamed model (vlmforge.loading.streamed_model): a streamed block's weights are matched (and their
+    steps measured) by reading each block once, and replaced by an override that dequantizes the packed INT4
+    weight (kept, 1/8 of the FP32 bytes) whenever the block is read: the dequantized weights are never all in
+    memory."""
     import functools
 
     import torch
 
     stream = getattr(model, "_vlmforge_stream", None)
-    by_digest: dict[str, list] = {}
-    for name, weight in _linear_weights(model, stream):
-        by_digest.setdefault(_digest(weight.detach().T.numpy()), []).append(name)
-    fp32 = onnx.load(str(fp32_graph), load_external_data=False)
-    fp32_inits = {t.name: t for t in fp32.graph.initializer}
-    replaced, unmatched, steps = 0, [], 0.0
+    wanted: dict[str, list] = {}  # digest -> [(FP32 name, QuantizedLinear)]
+    unmatched = []
     for name, q in quantized_weights(graph):
-        original = read_tensor(fp32_graph, fp32_inits[name]) if name in fp32_inits else None
-        targets = by_digest.get(_digest(original)) if original is not None else None
-        if q is None or not targets:
+        digest = sources.get(name)
+        if q is None or digest is None:
             unmatched.append(name)
+        else:
+            wanted.setdefault(digest, []).append((name, q))
+    found: set[str] = set()
+    replaced, steps = 0, 0.0
+    for target, weight in _linear_weights(model, stream):  # a streamed block is resident only inside the loop
+        matches = wanted.get(array_sha256(weight.detach().T.numpy()))
+        if not matches:
             continue
-        streamed = [t for t in targets if stream is not None and _in_block(t, stream)]
-        weight, off = dequantize_checked(q, original)
-        del original
+        name, q = matches[0]
+        found.update(n for n, _ in matches)
+        dequantized, off = dequantize_checked(q, weight.detach().T.numpy())
         steps = max(steps, off)
-        for target in targets:
-            if target in streamed:
-                stream.overrides[target] = functools.partial(lambda q, out: q.dequantize(out.numpy()), q)
-            else:
-                model.get_submodule(target.rpartition(".")[0]).weight = torch.nn.Parameter(
-                    torch.from_numpy(weight), requires_grad=False)
-            replaced += 1
-        del weight
+        if stream is not None and _in_block(target, stream):
+            del dequantized
+            stream.overrides[target] = functools.partial(lambda q, out: q.dequantize(out.numpy()), q)
+        else:
+            model.get_submodule(target.rpartition(".")[0]).weight = torch.nn.Parameter(
+                torch.from_numpy(dequantized), requires_grad=False)
+        replaced += 1
+    unmatched += sorted(n for ms in wanted.values() for n, _ in ms if n not in found)
     log.info("%s: %d quantized weights loaded into the PyTorch model (%d unmatched)", graph.name, replaced,
              len(unmatched))
     return replaced, unmatched, steps

@@ -39,6 +39,11 @@ class SuiteInputs:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     deepstack_off: Callable[[Any], Any] | None = None  # set for a `deepstack: drop` variant
     fp32_directory: Path | None = None  # the FP32 graphs behind transformed ones (checks vs FP32 ONNX)
+    fp32_stages: tuple[str, ...] = ()  # the stages whose FP32 graph is there (an INT4 decoder exported straight
+    # to INT4 has none: it is compared with PyTorch FP32, as with the streamed reference)
+    # INT4 stage -> {FP32 weight name: array_sha256 of that weight} (its transform's record): how the same-weight
+    # check finds, in the PyTorch model, the weight each quantized one came from
+    source_weights: dict = field(default_factory=dict)
     # how the PyTorch reference holds its weights (vlmforge.loading.reference_kind). "streamed": the build is
     # bounded to less than the FP32 model, so the FP32 decoder graph is not opened either: a transformed decoder
     # is compared with PyTorch FP32 on the same prompt instead (named so in the check)
@@ -125,7 +130,7 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
                 refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
             if _decoder_versus_pytorch(inp):
                 refs.fp32_prefill = _fp32_prefill(ref, vcfg, images)
-        if inp.fp32_directory is not None and "int4" in inp.precisions.values():  # last: it changes the weights
+        if "int4" in inp.precisions.values():  # last: it changes the weights
             with _model_state(inp, ref, deepstack_off=True):
                 refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
     finally:
@@ -167,7 +172,12 @@ def _references(inp: SuiteInputs, ref: Reference, vcfg, images) -> References:
 
 
 def _decoder_versus_pytorch(inp: SuiteInputs) -> bool:
-    return inp.reference == "streamed" and inp.fp32_directory is not None and inp.precisions["decoder"] != "fp32"
+    """A transformed decoder is compared with PyTorch FP32 on the versus-FP32 prompt, not with an FP32 decoder
+    graph: with the streamed reference (a session of that graph would hold every FP32 weight) and where there is
+    no FP32 decoder graph (exported straight to INT4)."""
+    if inp.fp32_directory is None or inp.precisions["decoder"] == "fp32":
+        return False
+    return inp.reference == "streamed" or "decoder" not in inp.fp32_stages
 
 
 def _fp32_prefill(ref: Reference, vcfg, images) -> np.ndarray:
@@ -184,7 +194,7 @@ def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> d
 
     out: dict = {"loaded": {}}
     for stage in (s for s, p in inp.precisions.items() if p == "int4"):
-        out["loaded"][stage] = load_into(ref.model, inp.fp32_directory / f"{stage}.onnx", inp.directory / f"{stage}.onnx")
+        out["loaded"][stage] = load_into(ref.model, inp.directory / f"{stage}.onnx", inp.source_weights.get(stage, {}))
     ref.forget_vision()  # the vision outputs kept so far were computed with the FP32 weights
     log.info("reference: PyTorch with the INT4 graphs' weights (%s; %s)", ", ".join(out["loaded"]), rss_note())
     vision = parity.reference_vision(ref, images[:1])
@@ -301,7 +311,8 @@ def fp32_outputs(inp: SuiteInputs, ref: Reference, vcfg, images, refs: Reference
                                        vision_start_token_id=ref.config.vision_start_token_id,
                                        spatial_merge_size=ref.params.merge_size)
         if _decoder_versus_pytorch(inp):
-            o["logits"], o["against"] = refs.fp32_prefill, "FP32 PyTorch (validate.reference=streamed)"
+            why = "validate.reference=streamed" if inp.reference == "streamed" else "no FP32 decoder graph"
+            o["logits"], o["against"] = refs.fp32_prefill, f"FP32 PyTorch ({why})"
         else:
             dec = base.keep("decoder")
             o["logits"], _ = dec.decode(o["emb"], np.ones_like(o["ids"]), o["pos"], dec.empty_past(1), o["deep"])
