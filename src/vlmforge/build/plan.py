@@ -126,12 +126,16 @@ class Build:
     def bytes_needed(self) -> int:
         """Disk a build of this model needs: the set (each stage at its precision), and, when the stage cache
         shares the file system, the cache: every stage's FP32 export and the transformed graphs. Per stage from
-        the parameters it reads (full-depth Qwen2.5-VL-3B int4_mixed: 21.5 GiB measured, 22.1 GiB predicted)."""
+        the parameters it reads (full-depth Qwen2.5-VL-3B int4_mixed, its decoder's FP32 graph still cached then:
+        21.5 GiB measured, 22.1 GiB predicted)."""
         from vlmforge.launch.plan import stage_bytes
 
-        at = stage_bytes(self.stage_parameters or {"decoder": self.parameters}, self.precision)
+        counts = self.stage_parameters or {"decoder": self.parameters}
+        at, fp32 = stage_bytes(counts, self.precision), stage_bytes(counts, {})
         set_bytes = sum(at.values()) + (16 << 20)
-        cache = self.parameters * 4 + sum(n for s, n in at.items() if self.precision[s] != "fp32")
+        # the FP32 exports the cache keeps (none of a stage exported straight to its precision), the transformed graphs
+        cache = sum(n for s, n in fp32.items() if not fused(s, self.precision[s])) + sum(
+            n for s, n in at.items() if self.precision[s] != "fp32")
         try:
             same = os.stat(Path(self.cfg.cache_dir)).st_dev == os.stat(self.final.parent).st_dev
         except OSError:
@@ -218,6 +222,11 @@ BUILD_ORDER = ("decoder", "vision", "embedding")
 FUSED_STAGES = ("decoder",)
 
 
+def fused(stage: str, precision: str) -> bool:
+    """Whether `stage` at `precision` is exported straight to it (one node, no FP32 graph written or cached)."""
+    return precision != "fp32" and stage in FUSED_STAGES and bool(TRANSFORMS[precision].on_export)
+
+
 def plan(b: Build) -> list[Node]:
     """The nodes of the build `b`, dependencies first."""
     tools, src = toolchain(), source_inputs(b.source)
@@ -227,7 +236,7 @@ def plan(b: Build) -> list[Node]:
         export = _export_node(b, stage, src, tools, N.export, behind=precision != "fp32")
         if precision == "fp32":
             out.append(export)
-        elif stage in FUSED_STAGES and TRANSFORMS[precision].on_export:
+        elif fused(stage, precision):
             out.append(_fused_node(b, export, _transform_node(b, stage, precision, N.transform), N.export_transformed))
         else:
             out += [export, _transform_node(b, stage, precision, N.transform)]

@@ -229,12 +229,18 @@ def _nbytes(t: onnx.TensorProto, src: Path) -> int:
     if uses_external_data(t) and not isinstance(src, StandInData):
         file, offset, length = external_file(src, t)
         return length if length is not None else file.stat().st_size - offset
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
     n = 1
     for d in t.dims:
         n *= d
+    if t.HasField("raw_data"):  # from dims and type: reading `raw_data` copies the bytes (1.6 s per 8 INT4 layers)
+        if t.data_type in _FOUR_BIT:
+            return (n + 1) // 2
+        if t.data_type == onnx.TensorProto.STRING:
+            return len(t.raw_data)
     return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * n
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, k) for k in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, k)}
 
 
 def _inline(t: onnx.TensorProto, src: Path) -> None:

@@ -63,9 +63,10 @@ def quantize_structure(model: onnx.ModelProto, src, dst: Path, cfg, *, vocab: in
     a streamed export's transforms.external.StandInData: then the FP32 graph is never written). The record keeps,
     besides what was done, `source_weights`: for each quantized MatMul weight, the sha256 of the FP32 [K, N] weight
     it came from (core.hashing.array_sha256), by which the validation finds that weight in the PyTorch model."""
-    digests = {t.name: array_sha256(read_array(t, src)) for n, _ in weight_matmuls(model)
-               for t in model.graph.initializer if t.name == n.input[1] and not uses_external_data(t)}
-    with _weights_from(src, digests):
+    inits = {t.name: t for t in model.graph.initializer}
+    digests = {t.name: array_sha256(read_array(t, src)) for t in (inits.get(n.input[1]) for n, _ in weight_matmuls(model))
+               if t is not None and not uses_external_data(t)}
+    with _weights_from(src, digests, _reading_order(model, inits)):
         out, excluded = quantize_model(model, cfg, vocab)
     # Quantized tensors are in memory, the others still in the FP32 data file (or the checkpoint).
     save_like_onnx(normalize_model(out), src, Path(dst), onnx_export.EXTERNAL_DATA_THRESHOLD)
@@ -90,6 +91,14 @@ def quantize_structure(model: onnx.ModelProto, src, dst: Path, cfg, *, vocab: in
         "kept_float": dict(sorted(excluded.items())),
         "source_weights": dict(sorted(sources.items())),
     }
+
+
+def _reading_order(model: onnx.ModelProto, inits: dict) -> list:
+    """The initializers the quantizer reads, in the order it visits their nodes (MatMul weights, Gather tables);
+    a guess used only to read ahead: a weight it skips is dropped, one it asks for out of order is read then."""
+    wanted = ((n.input[1] if n.op_type == "MatMul" else n.input[0]) for n in model.graph.node
+              if n.op_type in ("MatMul", "Gather") and len(n.input) == 2)
+    return [inits[name] for name in wanted if name in inits]
 
 
 def quantize_model(model: onnx.ModelProto, cfg, vocab: int | None) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -127,23 +136,44 @@ def quantize_model(model: onnx.ModelProto, cfg, vocab: int | None) -> tuple[onnx
 
 
 @contextmanager
-def _weights_from(src, digests: dict | None = None):
+def _weights_from(src, digests: dict | None = None, order: list | None = None):
     """Scoped patch: the quantizer reads each weight with `onnx_ir.from_proto(t).numpy()` (MatMul) or
     `onnx.numpy_helper.to_array(t)` (HQQ, Gather), which for an external tensor resolve its file against the
     working directory (and onnx refuses the cache's hardlinked files). Read external tensors from `src`
-    instead (the graph's own folder, by offset, or a streamed export's StandInData), one at a time, leaving the
-    tensor a reference: the FP32 weights are never all in memory, only the one being quantized. Each float32
-    tensor read is hashed into `digests` (name -> array_sha256) on the way."""
+    instead (the graph's own folder, by offset, or a streamed export's StandInData), leaving the tensor a
+    reference: the FP32 weights are never all in memory, only the one being quantized and the next.
+
+    Reads run in one thread beside the quantizer, one weight ahead in `order` (the external tensors in the order
+    the quantizer visits them): reading and casting the next weight from the checkpoint, and hashing it, release
+    the GIL, and onnxruntime's block quantizer runs on one core. Each float32 matrix read is hashed into `digests`
+    (name -> array_sha256) there. One thread does every read, so the stand-ins' buffers are never shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import onnx_ir
     from onnx import numpy_helper
     from onnx.external_data_helper import uses_external_data
 
     from_proto, to_array = onnx_ir.from_proto, numpy_helper.to_array
+    order = [t for t in order or () if uses_external_data(t)]
+    position = {t.name: i for i, t in enumerate(order)}
+    worker, ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmforge-int4-read"), {}
+
+    def load(proto):
+        array = read_array(proto, src)
+        hashed = digests is not None and array.dtype == np.float32 and array.ndim == 2
+        return array, array_sha256(array) if hashed else None
 
     def read(proto):
-        array = read_array(proto, src)
-        if digests is not None and array.dtype == np.float32 and array.ndim == 2:
-            digests[proto.name] = array_sha256(array)
+        future = ahead.pop(proto.name, None) or worker.submit(load, proto)
+        i = position.get(proto.name)
+        if i is not None:
+            for skipped in [n for n in ahead if position[n] < i]:  # read ahead but not asked for: drop
+                del ahead[skipped]
+            if i + 1 < len(order) and order[i + 1].name not in ahead:
+                ahead[order[i + 1].name] = worker.submit(load, order[i + 1])
+        array, digest = future.result()
+        if digest is not None:
+            digests[proto.name] = digest
         return array
 
     def _from_proto(proto, *args, **kwargs):
@@ -159,3 +189,5 @@ def _weights_from(src, digests: dict | None = None):
         yield
     finally:
         onnx_ir.from_proto, numpy_helper.to_array = from_proto, to_array
+        ahead.clear()
+        worker.shutdown(wait=True, cancel_futures=True)
