@@ -151,7 +151,8 @@ class Executor:
             if self.hits.get(final):
                 out[stage] = "cached"
             else:
-                out[stage] = "built" if f"export.{stage}" in self.ran else "transformed"
+                export = f"export.{stage}"  # none in the plan: exported straight to its precision (built)
+                out[stage] = "built" if export in self.ran or export not in self.nodes else "transformed"
         if "validation" not in self.nodes:
             out["validation"] = "off"
         else:

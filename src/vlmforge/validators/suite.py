@@ -130,7 +130,7 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
                 refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
             if _decoder_versus_pytorch(inp):
                 refs.fp32_prefill = _fp32_prefill(ref, vcfg, images)
-        if "int4" in inp.precisions.values():  # last: it changes the weights
+        if any(inp.source_weights.get(s) for s, p in inp.precisions.items() if p == "int4"):  # last: it changes the weights
             with _model_state(inp, ref, deepstack_off=True):
                 refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
     finally:
@@ -193,7 +193,7 @@ def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> d
     from vlmforge.validators.same_weights import load_into
 
     out: dict = {"loaded": {}}
-    for stage in (s for s, p in inp.precisions.items() if p == "int4"):
+    for stage in (s for s, p in inp.precisions.items() if p == "int4" and inp.source_weights.get(s)):
         out["loaded"][stage] = load_into(ref.model, inp.directory / f"{stage}.onnx", inp.source_weights.get(stage, {}))
     ref.forget_vision()  # the vision outputs kept so far were computed with the FP32 weights
     log.info("reference: PyTorch with the INT4 graphs' weights (%s; %s)", ", ".join(out["loaded"]), rss_note())
