@@ -91,12 +91,10 @@ def export_transformed(b, node, folder: Path) -> dict:
     row = TRANSFORMS[precision]
     log.info("%s: exporting to %s", node.label, precision)
     t = time.perf_counter()
-    params = {kw: getattr(b.cfg.precision, key) for kw, key in row.params.items()}
-    facts = {"stage": stage, "vocab": b.hf_config.text_config.vocab_size if stage == "decoder" else None}
-    function = row.resolve_on_export()
+    function, kwargs = row.resolve_on_export(), transform_kwargs(b, stage, row)
 
     def on_save(structure, src, dst):
-        return function(structure, src, dst, **params, **{k: facts[k] for k in row.context})
+        return function(structure, src, dst, **kwargs)
 
     dst = folder / f"{stage}.onnx"
     with b.progress.step(f"{stage}: exporting to {precision}"), transformed_on_save(on_save) as record, stage_model(
@@ -116,15 +114,21 @@ def transform(b, node, folder: Path) -> dict:
     log.info("%s: transforming to %s", stage, precision)
     t = time.perf_counter()
     src, dst = b.scratch / f"{stage}.onnx", folder / f"{stage}.onnx"
-    params = {kw: getattr(b.cfg.precision, key) for kw, key in row.params.items()}
-    facts = {"stage": stage, "vocab": b.hf_config.text_config.vocab_size if stage == "decoder" else None}
     with b.progress.step(f"{stage}: {precision} transform"):
-        record = row.resolve()(src, dst, **params, **{k: facts[k] for k in row.context})
+        record = row.resolve()(src, dst, **transform_kwargs(b, stage, row))
     fp32_bytes = graph_bytes(src)
     record.update(fp32_bytes=fp32_bytes, bytes=graph_bytes(dst), size_ratio=round(graph_bytes(dst) / fp32_bytes, 4))
     b.timings[node.timing] = time.perf_counter() - t
     sources = record.pop("source_weights", None)
     return {"transform": record, "source_weights": sources}
+
+
+def transform_kwargs(b, stage: str, row) -> dict:
+    """The keyword arguments of a transform row's function in this build: the recipe values it declares and the
+    build facts it asks for (transforms.CONTEXT)."""
+    params = {kw: getattr(b.cfg.precision, key) for kw, key in row.params.items()}
+    facts = {"stage": stage, "vocab": b.hf_config.text_config.vocab_size if stage == "decoder" else None}
+    return {**params, **{k: facts[k] for k in row.context}}
 
 
 def graph_bytes(path: Path) -> int:
