@@ -237,7 +237,7 @@ def plan(b: Build) -> list[Node]:
         if precision == "fp32":
             out.append(export)
         elif fused(stage, precision):
-            out.append(_fused_node(b, export, _transform_node(b, stage, precision, N.transform), N.export_transformed))
+            out.append(_fused_node(export, _transform_node(b, stage, precision, N.transform), N.export_transformed))
         else:
             out += [export, _transform_node(b, stage, precision, N.transform)]
         finals[stage] = out[-1].name
@@ -273,7 +273,7 @@ def _export_node(b: Build, stage: str, src: dict, tools: dict, run: Callable, be
                 timing=f"export.{stage}")
 
 
-def _fused_node(b: Build, export: Node, transform: Node, run: Callable) -> Node:
+def _fused_node(export: Node, transform: Node, run: Callable) -> Node:
     """The export and the transform of a stage as one node: named, slotted and recorded as the transform (the set's
     graph is the same bytes), keyed on both nodes' inputs and code, with no FP32 export entry behind it."""
     stage, precision = transform.stage, transform.inputs["precision"]

@@ -145,8 +145,9 @@ def _weights_from(src, digests: dict | None = None, order: list | None = None):
 
     Reads run in one thread beside the quantizer, one weight ahead in `order` (the external tensors in the order
     the quantizer visits them): reading and casting the next weight from the checkpoint, and hashing it, release
-    the GIL, and onnxruntime's block quantizer runs on one core. Each float32 matrix read is hashed into `digests`
-    (name -> array_sha256) there. One thread does every read, so the stand-ins' buffers are never shared."""
+    the GIL. Each float32 matrix read is hashed into `digests` (name -> array_sha256) there. One thread does every
+    read, so the stand-ins' buffers are never shared. Measured at 3B widths, 8 layers: 24.4 s against 24.6 s with
+    the reads on the main thread; onnxruntime's block quantizer already keeps both cores of this box busy."""
     from concurrent.futures import ThreadPoolExecutor
 
     import onnx_ir

@@ -130,7 +130,7 @@ def reference_pass(inp: SuiteInputs, load_model, source_path: Path, vcfg, images
                 refs.deviation = [chain.reference_chain(ref, vcfg.prompt, [img], vcfg.chain_tokens) for img in images]
             if _decoder_versus_pytorch(inp):
                 refs.fp32_prefill = _fp32_prefill(ref, vcfg, images)
-        if any(inp.source_weights.get(s) for s, p in inp.precisions.items() if p == "int4"):  # last: it changes the weights
+        if _same_weight_stages(inp):  # last: it changes the weights
             with _model_state(inp, ref, deepstack_off=True):
                 refs.same_weights = _same_weight_references(inp, ref, vcfg, images)
     finally:
@@ -187,14 +187,20 @@ def _fp32_prefill(ref: Reference, vcfg, images) -> np.ndarray:
     return ref.logits(ids, np.ones_like(ids), pv, grid)
 
 
+def _same_weight_stages(inp: SuiteInputs) -> list[str]:
+    """The INT4 stages whose transform recorded its source weights: those the same-weight check can load into the
+    PyTorch model (a re-validated set has no records, so none)."""
+    return [s for s, p in inp.precisions.items() if p == "int4" and inp.source_weights.get(s)]
+
+
 def _same_weight_references(inp: SuiteInputs, ref: Reference, vcfg, images) -> dict:
     """The INT4 stages' dequantized weights loaded into the model (in place: the model is freed after this),
     then the vision and decoder references again (validators/same_weights.py)."""
     from vlmforge.validators.same_weights import load_into
 
     out: dict = {"loaded": {}}
-    for stage in (s for s, p in inp.precisions.items() if p == "int4" and inp.source_weights.get(s)):
-        out["loaded"][stage] = load_into(ref.model, inp.directory / f"{stage}.onnx", inp.source_weights.get(stage, {}))
+    for stage in _same_weight_stages(inp):
+        out["loaded"][stage] = load_into(ref.model, inp.directory / f"{stage}.onnx", inp.source_weights[stage])
     ref.forget_vision()  # the vision outputs kept so far were computed with the FP32 weights
     log.info("reference: PyTorch with the INT4 graphs' weights (%s; %s)", ", ".join(out["loaded"]), rss_note())
     vision = parity.reference_vision(ref, images[:1])
