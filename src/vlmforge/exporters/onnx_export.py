@@ -45,8 +45,13 @@ def export_module(
     stage: str = "",
     opset: int = OPSET,
     contract=None,
+    trace=None,
 ) -> Path:
-    """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named."""
+    """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named.
+
+    `trace(module, args, input_names, output_names, opset)`, when given, builds the unoptimized ir.Model in place of
+    torch.onnx.export of the whole module (exporters.layered: a decoder traced once per kind of layer); where it
+    raises layered.NotLayered, the whole module is traced."""
     from vlmforge.loading import active_stand_ins
 
     out_path = Path(out_path)
@@ -57,9 +62,10 @@ def export_module(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
         tmp_file = Path(tmp) / out_path.name  # its weights in `<name>.data` beside it, as the set names them
         try:
+            program = _traced_by(trace, module, args, input_names, output_names, opset, stage)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.onnx.export(
+                program = program or torch.onnx.export(
                     module,
                     args,
                     None,
@@ -119,6 +125,26 @@ def export_module(
         except OSError as exc:
             raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
     return out_path
+
+
+class _Assembled:
+    """An assembled ir.Model where the rest of export_module expects torch.onnx's ONNXProgram (`.model`)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
+def _traced_by(trace, module, args, input_names, output_names, opset: int, stage: str):
+    if trace is None:
+        return None
+    from vlmforge.exporters.layered import NotLayered
+
+    try:
+        return _Assembled(trace(module, args, list(input_names), list(output_names), opset))
+    except NotLayered as exc:
+        _forget_trace()
+        log.info("%s: traced whole (%s)", stage or "stage", exc)
+        return None
 
 
 _ON_SAVE = None  # (function, record) while exports are saved through a transform (transformed_on_save)

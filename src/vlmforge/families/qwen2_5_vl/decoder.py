@@ -17,6 +17,7 @@ def build_decoder_module(hf_model) -> D.DecoderForExport:
 
 
 def export_decoder(hf_model, options, out_path: Path) -> StageContract:
+    from vlmforge.exporters.layered import layered_model
     from vlmforge.exporters.onnx_export import export_module
 
     tc = hf_model.config.text_config
@@ -31,5 +32,6 @@ def export_decoder(hf_model, options, out_path: Path) -> StageContract:
             dynamic_shapes=D.dynamic_shapes(tc),
             stage="qwen2_5_vl/decoder",
             contract=contract,
+            trace=layered_model,
         )
     return contract

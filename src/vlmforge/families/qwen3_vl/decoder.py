@@ -15,6 +15,7 @@ def decoder_contract(hf_config, options=None) -> StageContract:
 
 
 def export_decoder(hf_model, options, out_path: Path) -> StageContract:
+    from vlmforge.exporters.layered import layered_model
     from vlmforge.exporters.onnx_export import export_module
 
     tc = hf_model.config.text_config
@@ -30,5 +31,6 @@ def export_decoder(hf_model, options, out_path: Path) -> StageContract:
             dynamic_shapes=D.dynamic_shapes(tc, layers),
             stage="qwen3_vl/decoder",
             contract=contract,
+            trace=layered_model,
         )
     return contract
