@@ -32,8 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class NotLayered(Exception):
-    """The decoder cannot be assembled from pieces; trace the whole module."""
+from vlmforge.exporters.onnx_export import NotLayered  # noqa: E402  (raised here, caught there)
 
 
 class _OneLayerCache:

@@ -34,6 +34,10 @@ OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
 
 
+class NotLayered(Exception):
+    """A trace function cannot assemble the module from pieces; the whole module is traced."""
+
+
 def export_module(
     module: torch.nn.Module,
     args: tuple[Any, ...],
@@ -137,7 +141,6 @@ class _Assembled:
 def _traced_by(trace, module, args, input_names, output_names, opset: int, stage: str):
     if trace is None:
         return None
-    from vlmforge.exporters.layered import NotLayered
 
     try:
         return _Assembled(trace(module, args, list(input_names), list(output_names), opset))
