@@ -27,12 +27,12 @@ import time
 import warnings
 from typing import Any
 
+import onnx_ir as ir
 import torch
 
+from vlmforge.exporters.onnx_export import NotLayered, _forget_trace
+
 log = logging.getLogger(__name__)
-
-
-from vlmforge.exporters.onnx_export import NotLayered  # noqa: E402  (raised here, caught there)
 
 
 class _OneLayerCache:
@@ -122,8 +122,6 @@ def signature(layer) -> tuple:
 
 
 def _trace(module, args, dynamic_shapes, opset: int, what: str):
-    from vlmforge.exporters.onnx_export import _forget_trace
-
     t0 = time.perf_counter()
     n_in = len(args)
     with torch.no_grad(), warnings.catch_warnings():
@@ -136,16 +134,10 @@ def _trace(module, args, dynamic_shapes, opset: int, what: str):
     if model.functions:
         raise NotLayered(f"the {what} piece has local functions")
     for node in model.graph:
-        if any(a.type in (ir_graph_types()) for a in node.attributes.values()):
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             raise NotLayered(f"the {what} piece has a subgraph ({node.op_type})")
     log.debug("layered trace: %s in %.1f s (%d nodes)", what, time.perf_counter() - t0, len(model.graph))
     return model
-
-
-def ir_graph_types():
-    import onnx_ir as ir
-
-    return (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 
 def _varying_dims(a: tuple, b: tuple, dims: dict) -> list[dict]:
@@ -166,7 +158,7 @@ def _varying_dims(a: tuple, b: tuple, dims: dict) -> list[dict]:
 def layered_model(decoder, args: tuple, input_names, output_names, opset: int):
     """The decoder's ir.Model (as torch.onnx.export(..., optimize=False).model would hold it), assembled from pieces;
     raises NotLayered when it cannot be."""
-    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import TorchTensor
 
     layers = list(decoder.lm.layers)
     n_ds = decoder.deepstack_layers
@@ -206,7 +198,7 @@ def layered_model(decoder, args: tuple, input_names, output_names, opset: int):
         kind_of.append(key)
     hidden = head_args[0]
     mask, pos = h_out[0], h_out[1: 1 + n_pos]
-    step_inputs = {}
+    steps = {}
     for key, i in kinds.items():
         ds = key[0]
         step_args = (hidden, mask, *pos, past[2 * i], past[2 * i + 1], *([h_out[1 + n_pos + i]] if ds else []))
@@ -214,7 +206,7 @@ def layered_model(decoder, args: tuple, input_names, output_names, opset: int):
                                                       *([{0: bd, 1: sd}] if ds else [])))
         step = _Step(layers[i], n_pos, ds).eval()
         pieces[key] = _trace(step, step_args, step_shapes, opset, f"layer {i}" + (" (DeepStack)" if ds else ""))
-        step_inputs[key] = step
+        steps[key] = step
     tail = _Tail(decoder).eval()
     pieces["tail"] = _trace(tail, (hidden,), ({0: bd, 1: sd},), opset, "tail")
 
@@ -236,8 +228,6 @@ def layered_model(decoder, args: tuple, input_names, output_names, opset: int):
         name = full_names.get(id(tensor), fallback)
         v = initializers.get(name)
         if v is None:
-            from torch.onnx._internal.exporter._core import TorchTensor
-
             v = ir.Value(name=name, const_value=TorchTensor(tensor, name=name))
             v.dtype = v.const_value.dtype
             v.shape = ir.Shape(tuple(tensor.shape))
@@ -294,7 +284,7 @@ def layered_model(decoder, args: tuple, input_names, output_names, opset: int):
         pk = new_input(sg.inputs[2 + n_pos], input_names[first + 2 * i])
         pv = new_input(sg.inputs[3 + n_pos], input_names[first + 2 * i + 1])
         bound = [hidden_v, mask_v, *pos_v, pk, pv, *([slice_v[i]] if key[0] else [])]
-        hidden_v, k, v = paste(key, step_inputs[key], bound, f"layers.{i}/", owner=layer)
+        hidden_v, k, v = paste(key, steps[key], bound, f"layers.{i}/", owner=layer)
         k.name, v.name = output_names[1 + 2 * i], output_names[2 + 2 * i]
         presents += [k, v]
     (logits,) = paste("tail", tail, [hidden_v], "tail/")

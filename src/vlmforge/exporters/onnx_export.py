@@ -55,7 +55,7 @@ def export_module(
 
     `trace(module, args, input_names, output_names, opset)`, when given, builds the unoptimized ir.Model in place of
     torch.onnx.export of the whole module (exporters.layered: a decoder traced once per kind of layer); where it
-    raises layered.NotLayered, the whole module is traced."""
+    raises NotLayered, the whole module is traced."""
     from vlmforge.loading import active_stand_ins
 
     out_path = Path(out_path)
