@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 from tests._onnx_graphs import rmsnorm_mlp, run, save
 from vlmforge.core.errors import ArtifactError
 from vlmforge.transforms.cast_fp16 import cast_fp16
-from vlmforge.transforms.external import external_file, external_tensors, load_structure, stream_external
+from vlmforge.transforms.external import external_file, external_tensors, fp16_clamped, load_structure, stream_external
 
 K, N = 16, 8
 
@@ -115,3 +115,22 @@ def test_stream_external_aligns_large_tensors_and_refuses_damaged_data(tmp_path)
     (tmp_path / "src.onnx.data").write_bytes(raw[: len(raw) - 100])
     with pytest.raises(ArtifactError, match="truncated"):
         stream_external(load_structure(src), src, tmp_path / "dst2.onnx", {"a"})
+
+
+def test_fp16_clamped_gives_the_converters_bits():
+    """The streamed cast is the FP16 converter's own clamping, bit for bit: at every edge (0, -0, NaN, +-inf,
+    below the smallest subnormal, between 65504 and the FP16 overflow, the FP32 extremes) and on values over
+    30 decades."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    f32 = np.finfo(np.float32)
+    edge = np.array([0, -0.0, np.nan, np.inf, -np.inf, 1e-9, -1e-9, 5.96e-8, -5.96e-8, 5.9e-8, 6e-8, 2.9e-8, 3e-8,
+                     1e-45, -1e-45, f32.tiny, 65504, 65505, 65519, 65520, -65504.5, 1e6, -1e6, f32.max, -f32.max,
+                     1.0, -2.5], np.float32)
+    rng = np.random.default_rng(1)
+    wide = (rng.standard_normal(1 << 16) * 10.0 ** rng.integers(-15, 15, 1 << 16)).astype(np.float32)
+    for a in (edge, wide, wide.reshape(256, 256)):
+        got, want = fp16_clamped(a), convert_np_to_float16(a)
+        assert got.dtype == np.float16 and got.shape == a.shape
+        assert np.array_equal(got.view(np.uint16), np.asarray(want, np.float16).view(np.uint16))
+    assert fp16_clamped(np.array([1e-9, -1e6], np.float32)).tolist() == [np.float16(5.96e-8), -65504.0]

@@ -98,20 +98,51 @@ def weight_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[in
 
 
 def topological_sort(model: onnx.ModelProto) -> None:
-    """Reorder nodes so every input is produced before use (the FP16 converter appends input Casts last)."""
+    """Reorder nodes so every input is produced before use (the FP16 converter appends input Casts last).
+
+    The order is level by level: first every node whose inputs are all graph inputs or initializers, then every
+    node whose inputs those produce, and so on, each level in the original order; computed from each node's level
+    (one more than its inputs' producers' highest) in time linear in the graph (a pass per level took 2.7 s on the
+    32-block vision tower)."""
+    from collections import deque
+
+    nodes = list(model.graph.node)
     available = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
-    pending = list(model.graph.node)
-    ordered = []
-    while pending:
-        progressed = []
-        rest = []
-        for node in pending:
-            (progressed if all(i in available for i in node.input) else rest).append(node)
-        if not progressed:
-            raise ValueError(f"graph has a cycle or a dangling input near node {rest[0].name}")
-        for node in progressed:
-            ordered.append(node)
-            available.update(node.output)
-        pending = rest
+    producer: dict[str, int] = {}
+    for k, node in enumerate(nodes):
+        for name in node.output:
+            if name not in available:
+                producer.setdefault(name, k)
+    deps: list[set[int]] = []
+    users: list[list[int]] = [[] for _ in nodes]
+    missing = [False] * len(nodes)
+    for k, node in enumerate(nodes):
+        mine = set()
+        for name in node.input:
+            if name in available:
+                continue
+            if name not in producer:
+                missing[k] = True
+                continue
+            mine.add(producer[name])
+        deps.append(mine)
+        for d in mine:
+            users[d].append(k)
+    level = [0] * len(nodes)
+    waiting = [len(d) for d in deps]
+    ready = deque(k for k in range(len(nodes)) if not waiting[k] and not missing[k])
+    done = [False] * len(nodes)
+    while ready:
+        k = ready.popleft()
+        done[k] = True
+        for u in users[k]:
+            level[u] = max(level[u], level[k] + 1)
+            waiting[u] -= 1
+            if not waiting[u] and not missing[u]:
+                ready.append(u)
+    stuck = [k for k in range(len(nodes)) if not done[k]]
+    if stuck:
+        raise ValueError(f"graph has a cycle or a dangling input near node {nodes[stuck[0]].name}")
+    ordered = [nodes[k] for k in sorted(range(len(nodes)), key=lambda k: (level[k], k))]
     del model.graph.node[:]
     model.graph.node.extend(ordered)
