@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,7 +55,7 @@ def export_module(
     """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named.
 
     `trace(module, args, input_names, output_names, opset)`, when given, builds the unoptimized ir.Model in place of
-    torch.onnx.export of the whole module (exporters.layered: a decoder traced once per kind of layer); where it
+    torch.onnx.export of the whole module (exporters.layered: a decoder or a vision tower traced once per kind of layer); where it
     raises NotLayered, the whole module is traced."""
     from vlmforge.loading import active_stand_ins
 
@@ -66,6 +67,7 @@ def export_module(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmp:
         tmp_file = Path(tmp) / out_path.name  # its weights in `<name>.data` beside it, as the set names them
         try:
+            t0 = time.perf_counter()
             program = _traced_by(trace, module, args, input_names, output_names, opset, stage)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -82,7 +84,10 @@ def export_module(
                     optimize=False,  # optimize_graph below, then saved here (as torch.onnx would save it)
                     verbose=False,
                 )
+                t1 = time.perf_counter()
                 folded = optimize_graph(program.model, stand_ins if streamed else None)
+                log.debug("%s: traced in %.1f s, optimized in %.1f s (%d nodes)", stage or "stage", t1 - t0,
+                          time.perf_counter() - t1, len(program.model.graph))
         except Exception as exc:  # torch raises many types here; re-raise as one user-facing error
             _forget_trace()
             oserr = as_os_error(exc)
@@ -98,6 +103,7 @@ def export_module(
         from vlmforge.transforms.external import initializer_bytes, load_structure, save_like_onnx, save_structure
 
         on_save = _ON_SAVE
+        t2 = time.perf_counter()
         try:
             src, structure = tmp_file, None
             if streamed and on_save is not None:  # nothing written yet: the transform reads the checkpoint
@@ -118,7 +124,10 @@ def export_module(
                 stamp_contract_dims(model, contract)
             if on_save is not None:  # the transformed graph is the one written (the FP32 one only in scratch, if at all)
                 function, record = on_save
+                t3 = time.perf_counter()
                 record.update(function(model, src, out_path))
+                log.debug("%s: structure in %.1f s, transformed and written in %.1f s", stage or "stage", t3 - t2,
+                          time.perf_counter() - t3)
             elif initializer_bytes(model, tmp_file) <= EXTERNAL_DATA_THRESHOLD:
                 save_like_onnx(model, tmp_file, out_path, EXTERNAL_DATA_THRESHOLD, consume=True)
             else:
@@ -126,6 +135,8 @@ def export_module(
                 data = tmp_file.with_name(tmp_file.name + ".data")
                 os.replace(data, out_path.with_name(data.name))
                 os.replace(tmp_file, out_path)
+            if on_save is None:
+                log.debug("%s: written in %.1f s", stage or "stage", time.perf_counter() - t2)
         except OSError as exc:
             raise from_os_error(exc, f"writing the {stage or 'stage'} graph", where=str(out_path)) from None
     return out_path

@@ -12,8 +12,8 @@ optional zero_points input, 4-bit packed [N, ceil(K/block / 2)] (absent: symmetr
 W[n, k] = (q - zp) * scale: [N, K], the torch nn.Linear layout.
 
 The quantized graph's weight `<w>_Q4` came from the FP32 initializer `<w>` ([K, N] = W^T); the INT4 transform
-records the sha256 of each such initializer (its record's `source_weights`), and the PyTorch Linear it belongs to
-is the one whose W^T has those bytes, so no family naming is read and no FP32 graph is needed (a streamed INT4
+records a fingerprint of each such initializer (core.hashing.array_fingerprint; its record's `source_weights`),
+and the PyTorch Linear it belongs to is the one whose W^T has that fingerprint, so no family naming is read and no FP32 graph is needed (a streamed INT4
 decoder has none). Tensors are read one at a time from the graph's external data.
 """
 
@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from vlmforge.core.hashing import array_sha256
+from vlmforge.core.hashing import array_fingerprint
 
 log = logging.getLogger(__name__)
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
@@ -147,8 +147,8 @@ def dequantize_checked(q: QuantizedLinear, original: np.ndarray) -> tuple[np.nda
 def load_into(model, graph: Path, sources: dict[str, str]) -> tuple[int, list[str], float]:
     """Replace, in `model`, every Linear weight that `graph` quantized by its dequantized value (a new
     Parameter per Linear: a tied embedding keeps its float table). `sources`: the FP32 weight name of each
-    quantized one -> the array_sha256 of that FP32 [K, N] weight (the INT4 transform's record); the Linear whose
-    weight, transposed, has those bytes is the one replaced, so no family naming is read and no FP32 graph is
+    quantized one -> the array_fingerprint of that FP32 [K, N] weight (the INT4 transform's record); the Linear whose
+    weight, transposed, has that fingerprint is the one replaced, so no family naming is read and no FP32 graph is
     needed. Returns (weights replaced, the names of quantized weights no PyTorch Linear matches, the largest
     |dequantized - FP32| in quantization steps, measured against the matched PyTorch weight).
 
@@ -176,7 +176,7 @@ def load_into(model, graph: Path, sources: dict[str, str]) -> tuple[int, list[st
     found: set[str] = set()
     replaced, steps = 0, 0.0
     for target, weight in _linear_weights(model, stream):  # a streamed block is resident only inside the loop
-        matches = wanted.get(array_sha256(weight.detach().T.numpy()))
+        matches = wanted.get(array_fingerprint(weight.detach().T.numpy()))
         if not matches:
             continue
         name, q = matches[0]

@@ -41,7 +41,7 @@ class SuiteInputs:
     fp32_directory: Path | None = None  # the FP32 graphs behind transformed ones (checks vs FP32 ONNX)
     fp32_stages: tuple[str, ...] = ()  # the stages whose FP32 graph is there (an INT4 decoder exported straight
     # to INT4 has none: it is compared with PyTorch FP32, as with the streamed reference)
-    # INT4 stage -> {FP32 weight name: array_sha256 of that weight} (its transform's record): how the same-weight
+    # INT4 stage -> {FP32 weight name: array_fingerprint of that weight} (its transform's record): how the same-weight
     # check finds, in the PyTorch model, the weight each quantized one came from
     source_weights: dict = field(default_factory=dict)
     # how the PyTorch reference holds its weights (vlmforge.loading.reference_kind). "streamed": the build is

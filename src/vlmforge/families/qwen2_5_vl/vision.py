@@ -24,58 +24,25 @@ from torch.nn import functional as F
 
 from vlmforge.core.contracts import StageContract, TensorSpec
 from vlmforge.host.sizes import size_json
+from vlmforge.exporters.layered import blockwise_model
 from vlmforge.exporters.onnx_export import export_module
 from vlmforge.families.qwen2_5_vl import dims
 
 STAGE = "vision"
 
 
-class VisionForExport(nn.Module):
-    """HF `Qwen2_5_VisionTransformerPretrainedModel` for one fixed `grid_thw`, static shapes throughout.
+class _Attention:
+    """The tower's blocks over one grid's constants: shared by the whole tower and its pieces (exporters.layered),
+    which hold the same attributes and buffers."""
 
-    Holds references to the HF submodules (no weight copies); only index/rotary/mask constants are new.
-    `image_grid_thw` is accepted and unused: onnxruntime-genai feeds it, so it must stay a graph input.
-    """
-
-    def __init__(self, visual: nn.Module, grid: tuple[int, int, int]) -> None:
-        super().__init__()
-        cfg = visual.config
-        self.patch_embed = visual.patch_embed
-        self.blocks = visual.blocks
-        self.merger = visual.merger
-        self.fullatt = frozenset(int(i) for i in visual.fullatt_block_indexes)
-        self.grid = tuple(int(x) for x in grid)
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.scaling = self.head_dim**-0.5
-
-        layout = _host_layout(visual, self.grid)
-        self.num_patches = layout["num_patches"]
-        self.num_windows, self.window_len = layout["num_windows"], layout["window_len"]
-        self.uniform_windows = layout["uniform"]
-        self.register_buffer("patch_order", layout["patch_order"], persistent=False)
-        self.register_buffer("reverse_index", layout["reverse_index"], persistent=False)
-        self.register_buffer("cos", layout["cos"], persistent=False)
-        self.register_buffer("sin", layout["sin"], persistent=False)
-        self.register_buffer("win_cos", layout["win_cos"], persistent=False)
-        self.register_buffer("win_sin", layout["win_sin"], persistent=False)
-        self.register_buffer("win_gather", layout["win_gather"], persistent=False)
-        self.register_buffer("win_scatter", layout["win_scatter"], persistent=False)
-        self.register_buffer("win_mask", layout["win_mask"], persistent=False)
-
-    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        weight = self.patch_embed.proj.weight  # [hidden, C, T, P, P]; kernel == stride
-        x = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
-        x = x[self.patch_order]  # window order (HF's permute_input_for_window_attn)
-        for i, blk in enumerate(self.blocks):
-            qkv = blk.attn.qkv(blk.norm1(x))  # [N, 3C], on the unpadded sequence
-            if i in self.fullatt:
-                h = self._attention(qkv.unsqueeze(0), self.cos, self.sin, None).squeeze(0)
-            else:
-                h = self._windowed_attention(qkv)
-            x = x + blk.attn.proj(h)
-            x = x + blk.mlp(blk.norm2(x))
-        return self.merger(x)[self.reverse_index]
+    def _block(self, blk: nn.Module, full: bool, x: torch.Tensor) -> torch.Tensor:
+        qkv = blk.attn.qkv(blk.norm1(x))  # [N, 3C], on the unpadded sequence
+        if full:
+            h = self._attention(qkv.unsqueeze(0), self.cos, self.sin, None).squeeze(0)
+        else:
+            h = self._windowed_attention(qkv)
+        x = x + blk.attn.proj(h)
+        return x + blk.mlp(blk.norm2(x))
 
     def _windowed_attention(self, qkv: torch.Tensor) -> torch.Tensor:
         n_win, win_len = self.num_windows, self.window_len
@@ -94,6 +61,91 @@ class VisionForExport(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return out.transpose(1, 2).reshape(b, n, c3 // 3)
+
+
+_PLAIN = ("num_heads", "head_dim", "scaling", "num_patches", "num_windows", "window_len", "uniform_windows")
+_FULL_BUFFERS = ("cos", "sin")
+_WINDOW_BUFFERS = ("win_cos", "win_sin", "win_gather", "win_scatter", "win_mask")
+
+
+class VisionForExport(_Attention, nn.Module):
+    """HF `Qwen2_5_VisionTransformerPretrainedModel` for one fixed `grid_thw`, static shapes throughout.
+
+    Holds references to the HF submodules (no weight copies); only index/rotary/mask constants are new.
+    `image_grid_thw` is accepted and unused: onnxruntime-genai feeds it, so it must stay a graph input.
+    `pieces()` is the same computation as a head, one step per block and a tail (exporters.layered.blockwise_model
+    traces each kind of block once: the windowed and the full-attention ones).
+    """
+
+    def __init__(self, visual: nn.Module, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        cfg = visual.config
+        self.patch_embed = visual.patch_embed
+        self.blocks = visual.blocks
+        self.merger = visual.merger
+        self.fullatt = frozenset(int(i) for i in visual.fullatt_block_indexes)
+        self.grid = tuple(int(x) for x in grid)
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.scaling = self.head_dim**-0.5
+
+        layout = _host_layout(visual, self.grid)
+        self.num_patches = layout["num_patches"]
+        self.num_windows, self.window_len = layout["num_windows"], layout["window_len"]
+        self.uniform_windows = layout["uniform"]
+        for name in ("patch_order", "reverse_index", *_FULL_BUFFERS, *_WINDOW_BUFFERS):
+            self.register_buffer(name, layout[name], persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        x = _embed(self.patch_embed, self.patch_order, pixel_values)
+        for i, blk in enumerate(self.blocks):
+            x = self._block(blk, i in self.fullatt, x)
+        return self.merger(x)[self.reverse_index]
+
+    def pieces(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+        return _Head(self), [_Block(self, i) for i in range(len(self.blocks))], _Tail(self)
+
+
+def _embed(patch_embed: nn.Module, patch_order: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    weight = patch_embed.proj.weight  # [hidden, C, T, P, P]; kernel == stride
+    x = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+    return x[patch_order]  # window order (HF's permute_input_for_window_attn)
+
+
+class _Head(nn.Module):
+    def __init__(self, tower: VisionForExport) -> None:
+        super().__init__()
+        self.patch_embed = tower.patch_embed
+        self.register_buffer("patch_order", tower.patch_order, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        return _embed(self.patch_embed, self.patch_order, pixel_values)
+
+
+class _Block(_Attention, nn.Module):
+    """Block `index` of the tower, with the constants of its kind of attention (full or windowed) only."""
+
+    def __init__(self, tower: VisionForExport, index: int) -> None:
+        super().__init__()
+        self.block = tower.blocks[index]
+        self.full = index in tower.fullatt
+        for name in _PLAIN:
+            setattr(self, name, getattr(tower, name))
+        for name in _FULL_BUFFERS if self.full else _WINDOW_BUFFERS[: 2 if tower.uniform_windows else 5]:
+            self.register_buffer(name, getattr(tower, name), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self._block(self.block, self.full, x),)
+
+
+class _Tail(nn.Module):
+    def __init__(self, tower: VisionForExport) -> None:
+        super().__init__()
+        self.merger = tower.merger
+        self.register_buffer("reverse_index", tower.reverse_index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merger(x)[self.reverse_index]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +256,7 @@ def export_vision(hf_model, image_size, out_path: Path) -> StageContract:
         dynamic_shapes=None,
         stage="qwen2_5_vl/vision",
         contract=contract,
+        trace=blockwise_model,
     )
     return contract
 

@@ -15,7 +15,7 @@ def decoder_contract(hf_config, options=None) -> StageContract:
 
 
 def export_decoder(hf_model, options, out_path: Path) -> StageContract:
-    from vlmforge.exporters.layered import layered_model
+    from vlmforge.exporters.layered_decoder import layered_model
     from vlmforge.exporters.onnx_export import export_module
 
     tc = hf_model.config.text_config

@@ -67,29 +67,88 @@ class VisionForExport(nn.Module):
         self.register_buffer("sin", consts["sin"], persistent=False)
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
-        weight = self.patch_embed.proj.weight  # [hidden, C, T, P, P]; kernel == stride
-        x = F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.patch_embed.proj.bias)
-        pos = (self.pos_embed(self.interp_indices) * self.interp_weights[:, :, None]).sum(1)
-        x = x + pos.to(x.dtype)
+        x = _embed(self, pixel_values)
         deepstack = []
         for i, blk in enumerate(self.blocks):
-            x = x + blk.attn.proj(self._attention(blk.attn, blk.norm1(x)))
-            x = x + blk.mlp(blk.norm2(x))
+            x = _block(self, blk, x)
             if i in self.deepstack_layers:
                 deepstack.append(self.deepstack_mergers[self.deepstack_layers.index(i)](x))
-        features = self.merger(x)
-        if self.deepstack_mergers is None:
-            return (features,)
-        return features, torch.stack(deepstack, dim=0)
+        return _finish(self.merger, self.deepstack_mergers is not None, x, deepstack)
 
-    def _attention(self, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """Full multi-head self-attention with 2-D RoPE over [N, C]; returns [N, C] before `proj`."""
-        n, c = h.shape
-        q, k, v = attn.qkv(h).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
-        q = q * self.cos + _rotate_half(q) * self.sin  # [H, N, D]; cos/sin [N, D]
-        k = k * self.cos + _rotate_half(k) * self.sin
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=self.scaling)
-        return out[0].transpose(0, 1).reshape(n, c)
+    def pieces(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+        """The same computation as a head, one step per block (a DeepStack block also returns its merger's output)
+        and a tail, for exporters.layered.blockwise_model (each kind of block traced once)."""
+        return _Head(self), [_Block(self, i) for i in range(len(self.blocks))], _Tail(self)
+
+
+def _embed(holder, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Patch embedding plus the resampled position table; `holder` has patch_embed, pos_embed and the taps."""
+    weight = holder.patch_embed.proj.weight  # [hidden, C, T, P, P]; kernel == stride
+    x = F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1), holder.patch_embed.proj.bias)
+    pos = (holder.pos_embed(holder.interp_indices) * holder.interp_weights[:, :, None]).sum(1)
+    return x + pos.to(x.dtype)
+
+
+def _block(holder, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One block; `holder` has num_heads, head_dim, scaling and the rotary cos/sin."""
+    x = x + blk.attn.proj(_attention(holder, blk.attn, blk.norm1(x)))
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _attention(holder, attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Full multi-head self-attention with 2-D RoPE over [N, C]; returns [N, C] before `proj`."""
+    n, c = h.shape
+    q, k, v = attn.qkv(h).reshape(n, 3, holder.num_heads, holder.head_dim).permute(1, 2, 0, 3).unbind(0)
+    q = q * holder.cos + _rotate_half(q) * holder.sin  # [H, N, D]; cos/sin [N, D]
+    k = k * holder.cos + _rotate_half(k) * holder.sin
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=holder.scaling)
+    return out[0].transpose(0, 1).reshape(n, c)
+
+
+def _finish(merger: nn.Module, deepstack: bool, x: torch.Tensor, slices):
+    features = merger(x)
+    if not deepstack:
+        return (features,)
+    return features, torch.stack(list(slices), dim=0)
+
+
+class _Head(nn.Module):
+    def __init__(self, tower: VisionForExport) -> None:
+        super().__init__()
+        self.patch_embed, self.pos_embed = tower.patch_embed, tower.pos_embed
+        for name in ("interp_indices", "interp_weights"):
+            self.register_buffer(name, getattr(tower, name), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        return _embed(self, pixel_values)
+
+
+class _Block(nn.Module):
+    """Block `index`, and the DeepStack merger that reads its output when it has one."""
+
+    def __init__(self, tower: VisionForExport, index: int) -> None:
+        super().__init__()
+        self.block = tower.blocks[index]
+        self.num_heads, self.head_dim, self.scaling = tower.num_heads, tower.head_dim, tower.scaling
+        for name in ("cos", "sin"):
+            self.register_buffer(name, getattr(tower, name), persistent=False)
+        self.deepstack = index in tower.deepstack_layers
+        if self.deepstack:
+            self.merger = tower.deepstack_mergers[tower.deepstack_layers.index(index)]
+
+    def forward(self, x: torch.Tensor):
+        x = _block(self, self.block, x)
+        return (x, self.merger(x)) if self.deepstack else (x,)
+
+
+class _Tail(nn.Module):
+    def __init__(self, tower: VisionForExport) -> None:
+        super().__init__()
+        self.merger = tower.merger
+        self.deepstack = tower.deepstack_mergers is not None
+
+    def forward(self, x: torch.Tensor, *slices):
+        return _finish(self.merger, self.deepstack, x, slices)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +281,7 @@ def example_inputs(hf_config, image_size, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 def export_vision(hf_model, image_size, out_path: Path, deepstack: bool = True) -> StageContract:
+    from vlmforge.exporters.layered import blockwise_model
     from vlmforge.exporters.onnx_export import export_module
 
     module = build_vision_module(hf_model, image_size, deepstack=deepstack)
@@ -235,6 +295,7 @@ def export_vision(hf_model, image_size, out_path: Path, deepstack: bool = True) 
         dynamic_shapes=None,
         stage="qwen3_vl/vision",
         contract=contract,
+        trace=blockwise_model,
     )
     return contract
 
