@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_check import GIB, REPO, du, run  # noqa: E402  (the same child runner and disk count)
+from scale_check import GIB, REPO, du, run_cpu  # noqa: E402  (the same child runner and disk count)
 
 
 def warm(checkpoint: Path) -> float:
@@ -73,10 +73,11 @@ def rows(args, work: Path) -> list[dict]:
         for tool, cmd, produced, log in (order if r % 2 == 0 else order[::-1]):
             log.parent.mkdir(parents=True, exist_ok=True)
             read = warm(args.checkpoint)
-            rc, seconds, peak = run(cmd, log)
-            table.append({"round": r + 1, "tool": tool, "exit": rc, "seconds": seconds, "peak_rss": peak,
+            rc, seconds, peak, cpu = run_cpu(cmd, log)
+            table.append({"round": r + 1, "tool": tool, "exit": rc, "seconds": seconds, "cpu_seconds": cpu,
+                          "peak_rss": peak,
                           "bytes": du(produced), "log": str(log), "read": read})
-            print(f"round {r + 1}: {tool}: exit {rc}, {seconds:.1f} s, peak {peak / GIB:.2f} GiB "
+            print(f"round {r + 1}: {tool}: exit {rc}, {seconds:.1f} s ({cpu:.1f} CPU-s), peak {peak / GIB:.2f} GiB "
                   f"(checkpoint read beforehand in {read:.1f} s)", flush=True)
             if not args.keep:  # this build's output, not its log
                 for sub in ("out", "cache"):
@@ -87,13 +88,14 @@ def rows(args, work: Path) -> list[dict]:
 def summary(table: list[dict]) -> str:
     """The medians per tool and vlmforge's ratios to each peer's."""
     tools = list(dict.fromkeys(r["tool"] for r in table))
-    med = {t: (statistics.median(r["seconds"] for r in table if r["tool"] == t),
-               statistics.median(r["peak_rss"] for r in table if r["tool"] == t)) for t in tools}
-    lines = ["| tool | builds | median wall s | median peak RSS GiB |", "|---|---|---|---|"]
-    lines += [f"| {t} | {sum(r['tool'] == t for r in table)} | {s:.1f} | {m / GIB:.2f} |" for t, (s, m) in med.items()]
+    med = {t: tuple(statistics.median(r[k] for r in table if r["tool"] == t)
+                    for k in ("seconds", "peak_rss", "cpu_seconds")) for t in tools}
+    lines = ["| tool | builds | median wall s | median CPU s | median peak RSS GiB |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {sum(r['tool'] == t for r in table)} | {s:.1f} | {c:.1f} | {m / GIB:.2f} |"
+              for t, (s, m, c) in med.items()]
     for t in tools[1:]:
         lines.append(f"vlmforge / {t}: time {med['vlmforge'][0] / med[t][0]:.2f}x, "
-                     f"peak RSS {med['vlmforge'][1] / med[t][1]:.2f}x")
+                     f"CPU time {med['vlmforge'][2] / med[t][2]:.2f}x, peak RSS {med['vlmforge'][1] / med[t][1]:.2f}x")
     return "\n".join(lines)
 
 
@@ -132,9 +134,10 @@ def main() -> int:
             if not any(work.iterdir()):
                 work.rmdir()
     print(f"\n{args.checkpoint} ({args.precision}, validate {args.validate})\n")
-    print("| round | tool | exit | wall s | peak RSS GiB | output GiB |\n|---|---|---|---|---|---|")
+    print("| round | tool | exit | wall s | CPU s | peak RSS GiB | output GiB |\n|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['round']} | {r['tool']} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / GIB:.2f} "
+        print(f"| {r['round']} | {r['tool']} | {r['exit']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
+              f"| {r['peak_rss'] / GIB:.2f} "
               f"| {r['bytes'] / GIB:.2f} |")
     print("\n" + summary(table))
     return 0 if all(r["exit"] == 0 for r in table) else 1

@@ -30,6 +30,12 @@ GIB = 1 << 30
 
 def run(cmd: list[str], log: Path) -> tuple[int, float, int]:
     """(exit status, seconds, peak RSS bytes of that process tree) of one child, output to `log`."""
+    rc, seconds, peak, _ = run_cpu(cmd, log)
+    return rc, seconds, peak
+
+
+def run_cpu(cmd: list[str], log: Path) -> tuple[int, float, int, float]:
+    """run(), plus the CPU seconds (user + system) the child and its waited-for children used."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     t = time.perf_counter()
@@ -37,7 +43,7 @@ def run(cmd: list[str], log: Path) -> tuple[int, float, int]:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - t, usage.ru_maxrss * 1024
+    return proc.returncode, time.perf_counter() - t, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def du(*paths: Path) -> int:
