@@ -58,6 +58,14 @@ def signature(layer) -> tuple:
     return tuple(parts), tensors
 
 
+def first_of_kind(kind_of: list) -> dict:
+    """Each kind in `kind_of` (one per layer) -> the index of its first layer: the one traced for that kind."""
+    kinds: dict = {}
+    for i, key in enumerate(kind_of):
+        kinds.setdefault(key, i)
+    return kinds
+
+
 def trace_piece(module, args, dynamic_shapes, opset: int, what: str):
     t0 = time.perf_counter()
     n_in = len(args)
@@ -171,12 +179,8 @@ def blockwise_model(module, args: tuple, input_names, output_names, opset: int):
     head, tail, steps = head.eval(), tail.eval(), [s.eval() for s in steps]
     if not steps:
         raise NotLayered("the tower has no blocks")
-    kinds: dict[tuple, int] = {}
-    kind_of = []
-    for i, step in enumerate(steps):
-        key = signature(step)
-        kinds.setdefault(key, i)
-        kind_of.append(key)
+    kind_of = [signature(step) for step in steps]
+    kinds = first_of_kind(kind_of)
 
     def zeros(t):
         return torch.zeros(tuple(t.shape), dtype=t.dtype)

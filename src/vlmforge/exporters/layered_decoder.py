@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vlmforge.exporters.decoder import causal_mask
-from vlmforge.exporters.layered import Assembly, signature, trace_piece
+from vlmforge.exporters.layered import Assembly, first_of_kind, signature, trace_piece
 from vlmforge.exporters.onnx_export import NotLayered
 
 
@@ -131,12 +131,8 @@ def layered_model(decoder, args: tuple, input_names, output_names, opset: int):
     pieces: dict[str, Any] = {"head": trace_piece(head, head_args, head_shapes, opset, "head")}
 
     # One traced layer per kind: its position in `layers` of each kind's first layer.
-    kinds: dict[tuple, int] = {}
-    kind_of: list[tuple] = []
-    for i, layer in enumerate(layers):
-        key = (i < n_ds, signature(layer))
-        kinds.setdefault(key, i)
-        kind_of.append(key)
+    kind_of = [(i < n_ds, signature(layer)) for i, layer in enumerate(layers)]
+    kinds = first_of_kind(kind_of)
     hidden = head_args[0]
     mask, pos = h_out[0], h_out[1: 1 + n_pos]
     for key, i in kinds.items():
