@@ -55,8 +55,8 @@ def export_module(
     """Export `module(*args)` to `out_path` and return it. Raises ExportError with the stage named.
 
     `trace(module, args, input_names, output_names, opset)`, when given, builds the unoptimized ir.Model in place of
-    torch.onnx.export of the whole module (exporters.layered: a decoder or a vision tower traced once per kind of layer); where it
-    raises NotLayered, the whole module is traced."""
+    torch.onnx.export of the whole module (exporters.layered: a decoder or a vision tower traced once per kind of
+    layer); where it raises NotLayered, the whole module is traced."""
     from vlmforge.loading import active_stand_ins
 
     out_path = Path(out_path)

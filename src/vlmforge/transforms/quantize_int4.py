@@ -62,10 +62,12 @@ def quantize_structure(model: onnx.ModelProto, src, dst: Path, cfg, *, vocab: in
                        stage: str = "decoder") -> dict:
     """quantize_int4 of a graph structure whose external tensors are read from `src` (a saved FP32 graph's path, or
     a streamed export's transforms.external.StandInData: then the FP32 graph is never written). The record keeps,
-    besides what was done, `source_weights`: for each quantized MatMul weight, the fingerprint of the FP32 [K, N] weight
-    it came from (core.hashing.array_fingerprint), by which the validation finds that weight in the PyTorch model."""
+    besides what was done, `source_weights`: for each quantized MatMul weight, the fingerprint of the FP32 [K, N]
+    weight it came from (core.hashing.array_fingerprint), by which the validation finds that weight in the PyTorch
+    model."""
     inits = {t.name: t for t in model.graph.initializer}
-    digests = {t.name: array_fingerprint(read_array(t, src)) for t in (inits.get(n.input[1]) for n, _ in weight_matmuls(model))
+    digests = {t.name: array_fingerprint(read_array(t, src))
+               for t in (inits.get(n.input[1]) for n, _ in weight_matmuls(model))
                if t is not None and not uses_external_data(t)}
     with _weights_from(src, digests, _reading_order(model, inits)):
         out, excluded = quantize_model(model, cfg, vocab)

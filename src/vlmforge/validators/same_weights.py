@@ -13,8 +13,8 @@ W[n, k] = (q - zp) * scale: [N, K], the torch nn.Linear layout.
 
 The quantized graph's weight `<w>_Q4` came from the FP32 initializer `<w>` ([K, N] = W^T); the INT4 transform
 records a fingerprint of each such initializer (core.hashing.array_fingerprint; its record's `source_weights`),
-and the PyTorch Linear it belongs to is the one whose W^T has that fingerprint, so no family naming is read and no FP32 graph is needed (a streamed INT4
-decoder has none). Tensors are read one at a time from the graph's external data.
+and the PyTorch Linear it belongs to is the one whose W^T has that fingerprint, so no family naming is read and no
+FP32 graph is needed (a streamed INT4 decoder has none). Tensors are read one at a time from the graph's external data.
 """
 
 from __future__ import annotations
